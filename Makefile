@@ -1,0 +1,29 @@
+# The two commands of the README. Both create .venv and install on first use.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A fresh Inductor cache per checkout keeps flex_attention compiles reproducible.
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m aki.demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check aki tests
+	$(VENV)/bin/ruff format --check aki tests
+
+clean:
+	rm -rf $(VENV) .cache outputs

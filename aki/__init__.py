@@ -1,0 +1,30 @@
+"""AKI: multimodal LLMs with modality-mutual attention, native to Hugging Face transformers.
+
+`import aki` registers the model with transformers' Auto classes, so `AutoConfig`, `AutoModel`,
+`AutoModelForImageTextToText` and `AutoProcessor` load AKI folders without remote code.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from . import masking, presets
+from .configuration_aki import AkiConfig
+from .modeling_aki import AkiForConditionalGeneration, AkiModel, AkiPreTrainedModel, PromptSplitError
+from .processing_aki import AkiProcessor
+
+AutoConfig.register(AkiConfig.model_type, AkiConfig, exist_ok=True)
+AutoModel.register(AkiConfig, AkiModel, exist_ok=True)
+AutoModelForImageTextToText.register(AkiConfig, AkiForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(AkiConfig, AkiProcessor, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AkiConfig",
+    "AkiForConditionalGeneration",
+    "AkiModel",
+    "AkiPreTrainedModel",
+    "AkiProcessor",
+    "PromptSplitError",
+    "masking",
+    "presets",
+]

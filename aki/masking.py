@@ -1,0 +1,232 @@
+"""Modality-mutual attention (MMA) masks, as pure functions.
+
+The rule (SPEC section 1), per sample, with ``True`` meaning "query q may attend key k"::
+
+    allowed[q, k] = key_valid[k] and (k <= q or (is_image[q] and question_of(q)[k]))
+
+``question_of(q)`` holds the text tokens of the user turn that contains q's image, from the
+first token after the image block up to and including the first token of the assistant header
+that closes the turn. A turn that is never closed by an assistant header (a caption) opens
+nothing, so it stays causal.
+
+Everything here is described by one integer tensor, the *window ids* ``w`` of shape (b, s):
+
+* ``w > 0``  an image token whose turn is closed: it may see the question keys of window ``w``;
+* ``w < 0``  a question token of window ``-w``;
+* ``w == 0`` anything else (text outside a window, padding, images of unclosed turns).
+
+Window ids are unique per row (the turn index plus one), so several images and several turns
+need no Python loop: image query q sees key k iff ``w[q] > 0 and w[k] == -w[q]``. Everything
+before q is visible anyway, so the rectangle only matters for keys after q.
+
+Shape legend: ``b`` batch, ``s`` sequence (query) length, ``t`` key length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+AttentionPolicy = Literal["mma", "causal"]
+ATTENTION_POLICIES: tuple[str, ...] = ("mma", "causal")
+
+# Token roles, as returned by `token_roles`; the colours are those of `render_mask`.
+OTHER, IMAGE, QUESTION, IMAGE_CAUSAL, PADDING = 0, 1, 2, 3, 4
+ROLE_NAMES = {
+    OTHER: "text",
+    IMAGE: "image (sees its question)",
+    QUESTION: "question (visible to its image)",
+    IMAGE_CAUSAL: "image (causal: no assistant header)",
+    PADDING: "padding",
+}
+
+
+def check_policy(policy: str) -> None:
+    if policy not in ATTENTION_POLICIES:
+        raise ValueError(f"Unknown attention_policy {policy!r}; expected one of {ATTENTION_POLICIES}.")
+
+
+def find_marker_starts(input_ids: torch.Tensor, marker_ids: Sequence[int]) -> torch.Tensor:
+    """Where the token sequence `marker_ids` starts, as a bool (b, s) tensor.
+
+    Loops over the marker's length (one token for Phi-3's ``<|assistant|>``, three for Llama-3's
+    ``<|start_header_id|>assistant<|end_header_id|>``), never over the sequence.
+    """
+    if len(marker_ids) == 0:
+        raise ValueError("The assistant marker needs at least one token id.")
+    hits = input_ids == marker_ids[0]
+    for offset, token_id in enumerate(marker_ids[1:], start=1):
+        shifted = F.pad(input_ids, (0, offset), value=-1)[..., offset:]
+        hits &= shifted == token_id
+    return hits
+
+
+def mma_window_ids(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    assistant_marker_ids: Sequence[int],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Signed window ids (b, s) of the MMA rule; see the module docstring.
+
+    Args:
+        input_ids: (b, s) token ids with every image already expanded to its placeholder tokens.
+        image_token_id: the placeholder id.
+        assistant_marker_ids: the token ids of the assistant header; its first token closes a turn
+            and is the last key of the window (inclusive, as the official checkpoint was trained).
+        attention_mask: optional (b, s) padding mask; padded tokens never join a window.
+    """
+    is_image = input_ids == image_token_id
+    is_marker = find_marker_starts(input_ids, assistant_marker_ids).long()
+    # A token's turn is the number of assistant markers before it; a marker closes its own turn.
+    turn = is_marker.cumsum(-1) - is_marker
+    closed = turn < is_marker.sum(-1, keepdim=True)
+    # The turn of the latest image at or before each position: equals `turn` once the turn has shown an image.
+    latest_image_turn = torch.where(is_image, turn, torch.full_like(turn, -1)).cummax(-1).values
+    after_image = latest_image_turn == turn
+    window = turn + 1
+    image_queries = is_image & closed
+    question_keys = ~is_image & after_image & closed
+    if attention_mask is not None:
+        question_keys &= attention_mask.bool()
+    zeros = torch.zeros_like(window)
+    return torch.where(image_queries, window, torch.where(question_keys, -window, zeros))
+
+
+def token_roles(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    window_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token roles (b, s): OTHER, IMAGE, QUESTION, IMAGE_CAUSAL or PADDING."""
+    roles = torch.full_like(input_ids, OTHER)
+    roles[window_ids < 0] = QUESTION
+    roles[input_ids == image_token_id] = IMAGE_CAUSAL
+    roles[window_ids > 0] = IMAGE
+    if attention_mask is not None:
+        roles[~attention_mask.bool()] = PADDING
+    return roles
+
+
+def mma_mask_function(window_ids: torch.Tensor) -> Callable:
+    """The rectangle of MMA as a transformers mask function, to OR onto a causal mask.
+
+    `window_ids` must be indexed by absolute position and cover every key index the mask asks
+    about (pad it with zeros up to the cache length for static caches).
+    """
+
+    def image_sees_its_question(batch_idx, head_idx, q_idx, kv_idx):
+        query_window = window_ids[batch_idx, q_idx]
+        return (query_window > 0) & (window_ids[batch_idx, kv_idx] == -query_window)
+
+    return image_sees_its_question
+
+
+def dense_attention_mask(
+    window_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    policy: AttentionPolicy = "mma",
+) -> torch.Tensor:
+    """The full boolean mask (b, s, s), True where attention is allowed.
+
+    Padded query rows keep nothing but what their row allows; callers that feed this to a kernel
+    must handle rows without any valid key (transformers' mask builders do).
+    """
+    check_policy(policy)
+    b, s = window_ids.shape
+    positions = torch.arange(s, device=window_ids.device)
+    allowed = (positions[None, :] <= positions[:, None]).expand(b, s, s)
+    if policy == "mma":
+        query_window = window_ids[:, :, None]
+        allowed = allowed | ((query_window > 0) & (window_ids[:, None, :] == -query_window))
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    return allowed
+
+
+def window_split_at(window_ids: torch.Tensor, boundary: int) -> bool:
+    """True if an image before `boundary` has question keys at or after it.
+
+    When a forward ends at `boundary` (a cache or chunk edge), such an image's keys and values
+    are computed without its whole question, which MMA cannot repair later.
+    """
+    if boundary <= 0 or boundary >= window_ids.shape[-1]:
+        return False
+    num_windows = int(window_ids.abs().max())
+    if num_windows == 0:
+        return False
+    b = window_ids.shape[0]
+    cached, new = window_ids[:, :boundary], window_ids[:, boundary:]
+    cached_images = torch.zeros(b, num_windows + 1, dtype=torch.bool, device=window_ids.device)
+    new_questions = torch.zeros_like(cached_images)
+    cached_images.scatter_(1, cached.clamp(min=0), True)
+    new_questions.scatter_(1, (-new).clamp(min=0), True)
+    return bool((cached_images[:, 1:] & new_questions[:, 1:]).any())
+
+
+ROLE_COLOURS = {
+    OTHER: (90, 90, 90),
+    IMAGE: (46, 139, 87),
+    QUESTION: (65, 105, 225),
+    IMAGE_CAUSAL: (143, 188, 143),
+    PADDING: (230, 230, 230),
+}
+OPENED_COLOUR = (255, 140, 0)
+
+
+def render_mask(
+    allowed: torch.Tensor,
+    roles: torch.Tensor,
+    path: str,
+    title: str | None = None,
+    cell: int | None = None,
+) -> str:
+    """Save one sample's mask (s, s) as a PNG, rows = queries, columns = keys.
+
+    An allowed cell takes the colour of its key's role, brightened where the MMA rectangle
+    opened it (above the diagonal); a blocked cell is white. A strip above and to the left shows
+    each token's role, and a legend names the colours.
+    """
+    from PIL import Image, ImageDraw
+
+    s = allowed.shape[-1]
+    cell = cell or max(1, min(8, 640 // max(s, 1)))
+    strip, legend_h = 3 * cell + 4, 18 * (len(ROLE_NAMES) + 2)
+    side = s * cell
+    width, height = strip + side + 8, strip + side + legend_h + 8
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+
+    import numpy as np
+
+    allowed = allowed.bool().cpu()
+    roles = roles.cpu()
+    palette = torch.tensor([ROLE_COLOURS[r] for r in sorted(ROLE_COLOURS)], dtype=torch.uint8)
+    key_colours = palette[roles].unsqueeze(0).expand(s, s, 3).clone()
+    opened = allowed & torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
+    key_colours[opened] = torch.tensor(OPENED_COLOUR, dtype=torch.uint8)
+    key_colours[~allowed] = 255
+    grid = Image.fromarray(np.ascontiguousarray(key_colours.numpy())).resize((side, side), Image.NEAREST)
+    image.paste(grid, (strip, strip))
+    role_strip = Image.fromarray(np.ascontiguousarray(palette[roles][None].numpy())).resize(
+        (side, strip - 4), Image.NEAREST
+    )
+    image.paste(role_strip, (strip, 0))
+    image.paste(role_strip.transpose(Image.Transpose.TRANSPOSE), (0, strip))
+
+    y = strip + side + 6
+    if title:
+        draw.text((4, y), title, fill="black")
+        y += 18
+    entries = [(ROLE_COLOURS[role], name) for role, name in ROLE_NAMES.items()]
+    entries.append((OPENED_COLOUR, "opened by MMA (image query -> later question key)"))
+    for colour, name in entries:
+        draw.rectangle([4, y + 3, 14, y + 13], fill=colour)
+        draw.text((20, y + 2), name, fill="black")
+        y += 18
+    image.save(path)
+    return path

@@ -1,0 +1,496 @@
+"""AKI: a vision tower, a connector and a causal LM, with modality-mutual attention (MMA).
+
+Shape legend: ``b`` batch, ``s`` sequence, ``n`` images in the batch, ``p`` patches per image,
+``v`` image tokens per image, ``l`` Perceiver latents, ``d`` width, ``h`` heads, ``e`` head dim.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils.generic import can_return_tuple, is_flash_attention_requested
+
+from .configuration_aki import AkiConfig
+from .masking import mma_mask_function, mma_window_ids, window_split_at
+
+
+class PromptSplitError(ValueError):
+    """A forward holds only part of an image's MMA window: the rest is cached or still to come."""
+
+
+@dataclass
+class AkiModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+    pass
+
+
+@dataclass
+class AkiCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    pass
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention: (n, h, l, e) queries over (n, h, t, e) keys -> (n, l, h, e)."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class AkiPerceiverAttention(nn.Module):
+    """Latents attend to the image patches and to themselves (Flamingo's resampler attention)."""
+
+    def __init__(self, config: AkiConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        self.config = config
+        self.num_heads = config.perceiver_heads
+        self.head_dim = config.perceiver_head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        inner = self.num_heads * self.head_dim
+        self.norm_media = nn.LayerNorm(width)
+        self.norm_latents = nn.LayerNorm(width)
+        self.to_q = nn.Linear(width, inner, bias=False)
+        self.to_kv = nn.Linear(width, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, width, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media (n, p, d), latents (n, l, d) -> (n, l, d)."""
+        n, l, _ = latents.shape
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        query = self.to_q(latents)
+        key, value = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        query, key, value = (x.view(n, -1, self.num_heads, self.head_dim).transpose(1, 2) for x in (query, key, value))
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(self, query, key, value, attention_mask=None, scaling=self.scaling)
+        return self.to_out(output.reshape(n, l, -1))
+
+
+class AkiPerceiverFeedForward(nn.Module):
+    def __init__(self, config: AkiConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width * config.perceiver_ff_mult, bias=False)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(width * config.perceiver_ff_mult, width, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
+
+
+class AkiPerceiverLayer(nn.Module):
+    def __init__(self, config: AkiConfig):
+        super().__init__()
+        self.attention = AkiPerceiverAttention(config)
+        self.feed_forward = AkiPerceiverFeedForward(config)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = self.attention(media, latents) + latents
+        return self.feed_forward(latents) + latents
+
+
+class AkiPerceiverResampler(nn.Module):
+    """Patch features (n, p, d_vision) -> a fixed number of image tokens (n, l, d_text)."""
+
+    def __init__(self, config: AkiConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        self.latents = nn.Parameter(torch.empty(config.perceiver_num_latents, width))
+        self.layers = nn.ModuleList(AkiPerceiverLayer(config) for _ in range(config.perceiver_depth))
+        self.norm = nn.LayerNorm(width)
+        self.projection = nn.Linear(width, config.text_config.hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.unsqueeze(0).expand(image_features.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(image_features, latents)
+        return self.projection(self.norm(latents))
+
+
+class AkiMultiModalProjector(nn.Module):
+    """LLaVA-style connector: one image token per patch, (n, p, d_vision) -> (n, p, d_text)."""
+
+    def __init__(self, config: AkiConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+def create_mma_mask(
+    text_config,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    window_ids: torch.Tensor,
+) -> torch.Tensor | BlockMask | dict:
+    """The language model's mask with the MMA rectangle opened, in its backend's format.
+
+    `window_ids` (b, past + s) are indexed by absolute position. They are padded with zeros up to
+    the last key index the mask builder asks about (the whole buffer of a static cache).
+    """
+    query_length = inputs_embeds.shape[1]
+    kv_length, kv_offset = cache.get_mask_sizes(query_length, 0) if cache is not None else (query_length, 0)
+    missing = kv_offset + kv_length - window_ids.shape[-1]
+    if missing > 0:
+        window_ids = F.pad(window_ids, (0, missing))
+    # position_ids=None: transformers would otherwise read packed positions and remap the indices
+    # our overlay receives (packing is handled by the caller, per sample).
+    mask_kwargs = {
+        "config": text_config,
+        "inputs_embeds": inputs_embeds,
+        "attention_mask": attention_mask,
+        "cache": cache,
+        "position_ids": None,
+        "or_mask_function": mma_mask_function(window_ids),
+    }
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None:
+        builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        if "sliding_attention" in layer_types:
+            return {layer_type: builders[layer_type](**mask_kwargs) for layer_type in set(layer_types)}
+        return create_causal_mask(**mask_kwargs)
+    if getattr(text_config, "sliding_window", None) is not None:
+        return create_sliding_window_causal_mask(**mask_kwargs)
+    return create_causal_mask(**mask_kwargs)
+
+
+def is_prepared_mask(attention_mask) -> bool:
+    """True for a mask already in a backend's format (built by `generate` for static caches)."""
+    if isinstance(attention_mask, (BlockMask, dict)):
+        return True
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4
+
+
+class AkiPreTrainedModel(PreTrainedModel):
+    config: AkiConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AkiPerceiverLayer"]
+    _skip_keys_device_placement = "cache"
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    # flash_attention_2's mask builder drops mask functions, which would silently turn MMA into
+    # causal attention. The language model refuses it; the vision tower may still use it.
+    _supports_flash_attn = False
+    _supports_attention_backend = True
+    # Building the MMA mask looks at the data (does this chunk hold an image with a question?).
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AkiPerceiverResampler):
+            init.normal_(module.latents, std=self.config.initializer_range)
+
+
+class AkiModel(AkiPreTrainedModel):
+    """Vision tower + connector + language model, without a language-modelling head."""
+
+    def __init__(self, config: AkiConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        if config.connector_type == "perceiver":
+            self.connector = AkiPerceiverResampler(config)
+        else:
+            self.connector = AkiMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        size = self.config.vision_config.image_size
+        expected = (3, size, size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), got "
+                f"{tuple(pixel_values.shape)}. Use AkiProcessor to resize and normalise images."
+            )
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """pixel_values (n, 3, H, W) -> `pooler_output` (n, v, d_text), the image tokens."""
+        self.check_pixel_values(pixel_values)
+        vision_outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True)
+        vision_outputs.pooler_output = self.connector(vision_outputs.last_hidden_state)
+        return vision_outputs
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Where the image tokens go, (b, s, 1); the counts of tokens and features must agree."""
+        is_image = input_ids == self.config.image_token_id
+        num_tokens, (num_images, tokens_per_image) = int(is_image.sum()), image_features.shape[:2]
+        if num_tokens != num_images * tokens_per_image:
+            raise ValueError(
+                f"The text holds {num_tokens} image tokens, but {num_images} image(s) of "
+                f"{tokens_per_image} tokens each were given ({num_images * tokens_per_image} tokens). Each "
+                f"<image> must be expanded to {tokens_per_image} tokens, once per image: use AkiProcessor."
+            )
+        return is_image.unsqueeze(-1)
+
+    def window_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The MMA window ids (b, s) of `input_ids`; see `aki.masking`."""
+        return mma_window_ids(input_ids, self.config.image_token_id, self.config.assistant_marker_ids, attention_mask)
+
+    def absolute_window_ids(
+        self,
+        input_ids: torch.Tensor | None,
+        mma_window_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_length: int,
+        query_length: int,
+    ) -> torch.Tensor:
+        """Window ids indexed by absolute position, (b, past + s), checked for a split prompt.
+
+        Given from the start of the sequence (as `generate` passes them), they reveal an image
+        whose question lies on the other side of the cache boundary or of the chunk's end.
+        Computed from this chunk's `input_ids` alone, the cached tokens are unknown and count as text.
+        """
+        end = past_length + query_length
+        if mma_window_ids is None:
+            if input_ids is None:
+                raise ValueError(
+                    "attention_policy='mma' needs input_ids (or mma_window_ids) to find images and questions; "
+                    "pass input_ids, or load the model with attention_policy='causal'."
+                )
+            chunk_mask = attention_mask[:, -query_length:] if attention_mask is not None else None
+            return F.pad(self.window_ids(input_ids, chunk_mask), (past_length, 0))
+        if mma_window_ids.shape[-1] < end:
+            if mma_window_ids.shape[-1] != query_length:
+                raise ValueError(
+                    f"mma_window_ids has length {mma_window_ids.shape[-1]}; expected the whole sequence "
+                    f"(>= {end}) or this chunk ({query_length})."
+                )
+            return F.pad(mma_window_ids, (past_length, 0))
+        for boundary in (past_length, end):
+            if window_split_at(mma_window_ids, boundary):
+                raise PromptSplitError(
+                    f"An image and its question are split at position {boundary} (cache holds {past_length} "
+                    f"tokens, this forward {query_length}). MMA lets image tokens see their question, so the "
+                    "image, its question and the assistant header must be encoded in one forward: prefill them "
+                    "together (no prefill chunking, no cache ending between an image and its question)."
+                )
+        return mma_window_ids[:, :end]
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        mma_window_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> AkiModelOutputWithPast:
+        r"""
+        input_ids (b, s): text with every image expanded to `config.num_image_tokens` placeholders.
+        pixel_values (n, 3, H, W): the images, in the order their placeholders appear over (b, s).
+        attention_mask (b, past + s): 1 for real tokens, 0 for padding; or a prepared 4D mask.
+        mma_window_ids (b, >= past + s): optional window ids from the start of the sequence
+            (`aki.masking.mma_window_ids`); computed from `input_ids` when omitted. `generate`
+            passes them so a prompt split between an image and its question raises.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids to find the image placeholders.")
+            image_outputs = self.get_image_features(pixel_values, return_dict=True)
+            image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+            placeholders = self.get_placeholder_mask(input_ids, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(placeholders, image_features)
+        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            if (input_ids == self.config.image_token_id).any():
+                raise ValueError(
+                    "The text holds image tokens but no pixel_values were given: pass the images, or remove "
+                    f"the placeholders (token id {self.config.image_token_id})."
+                )
+
+        if self.config.attention_policy == "mma" and not is_prepared_mask(attention_mask):
+            past_length = cache.get_seq_length() if cache is not None else 0
+            query_length = inputs_embeds.shape[1]
+            window_ids = self.absolute_window_ids(input_ids, mma_window_ids, attention_mask, past_length, query_length)
+            # Only a chunk holding an image with an open window needs more than the causal mask:
+            # decode steps keep the backend's fast causal path.
+            if (window_ids[:, past_length:] > 0).any():
+                if is_flash_attention_requested(self.config.text_config):
+                    raise ValueError(
+                        "The language model runs flash attention, whose mask builder ignores MMA's rectangle: "
+                        "use 'sdpa', 'eager' or 'flex_attention' for the text model, or attention_policy='causal'."
+                    )
+                attention_mask = create_mma_mask(
+                    self.config.text_config, inputs_embeds, attention_mask, cache, window_ids
+                )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        return AkiModelOutputWithPast(**outputs, image_outputs=image_outputs)
+
+
+class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
+    """AKI with its language-modelling head; `generate()` applies MMA at prefill."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: AkiConfig):
+        super().__init__(config)
+        self.model = AkiModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        mma_window_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> AkiCausalLMOutputWithPast:
+        r"""
+        Arguments as in `AkiModel.forward`, plus `labels` (b, s) with -100 where no loss is taken
+        (shifted inside the loss, as in every transformers causal LM).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            mma_window_ids=mma_window_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return AkiCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        mma_window_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        # Window ids are read by absolute position, so they are computed on the whole sequence,
+        # before `generate` slices `input_ids` down to the new tokens. Decode steps hold only
+        # generated text: they need none and keep the causal fast path.
+        use_cache = kwargs.get("use_cache", True)
+        prefill = is_first_iteration or not use_cache
+        needs_windows = prefill and self.config.attention_policy == "mma" and input_ids.shape[-1] > 0
+        if needs_windows and (mma_window_ids is None or not use_cache):
+            mma_window_ids = self.model.window_ids(input_ids, attention_mask)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        model_inputs["mma_window_ids"] = mma_window_ids if needs_windows else None
+        # With a compileable (static) cache `generate` has already built a causal 4D mask; the
+        # prefill of an image with its question needs the MMA one instead.
+        if needs_windows and is_prepared_mask(model_inputs.get("attention_mask")) and attention_mask is not None:
+            model_inputs["attention_mask"] = self._static_prefill_mask(
+                model_inputs, attention_mask, mma_window_ids, cache
+            )
+        return model_inputs
+
+    def _static_prefill_mask(self, model_inputs, attention_mask, mma_window_ids, cache):
+        chunk = model_inputs.get("input_ids")
+        query_length = chunk.shape[-1] if chunk is not None else model_inputs["inputs_embeds"].shape[1]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        window_ids = self.model.absolute_window_ids(chunk, mma_window_ids, None, past_length, query_length)
+        if not (window_ids[:, past_length:] > 0).any():
+            return model_inputs["attention_mask"]
+        metadata = torch.empty((window_ids.shape[0], query_length, 0), dtype=self.dtype, device=window_ids.device)
+        return create_mma_mask(self.config.text_config, metadata, attention_mask, cache, window_ids)
+
+
+__all__ = ["AkiPreTrainedModel", "AkiModel", "AkiForConditionalGeneration", "PromptSplitError"]

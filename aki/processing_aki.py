@@ -1,0 +1,131 @@
+"""AkiProcessor: SigLIP image preprocessing, the chat template and `<image>` expansion."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from transformers import ProcessorMixin
+from transformers.image_utils import PILImageResampling
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+AKI_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+
+# Shared pieces of the chat templates: the system prompt (AKI's by default) and a message's
+# content, where each image becomes `<image>` and a newline.
+_SYSTEM = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '" + AKI_SYSTEM_PROMPT.replace("'", "\\'") + "' -%}{%- endif -%}"
+)
+_CONTENT = (
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+)
+
+# SPEC section 2. BOS comes from the tokenizer; the answer is closed by <|endoftext|>.
+PHI3_CHAT_TEMPLATE = (
+    _SYSTEM + "{{ '<|system|>\n' + system + '<|end|>\n' }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '<|user|>\n' }}" + _CONTENT + "{{ '<|end|>\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>\n' }}" + _CONTENT + "{{ '<|endoftext|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
+
+# Llama-3 headers, for Llama backbones: the assistant marker is a three-token header.
+LLAMA3_CHAT_TEMPLATE = (
+    _SYSTEM + "{{ '<|start_header_id|>system<|end_header_id|>\n\n' + system + '<|eot_id|>' }}"
+    "{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}" + _CONTENT + "{{ '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+)
+
+
+def siglip_image_processor(image_size: int = 384) -> SiglipImageProcessorPil:
+    """SPEC section 2: bicubic resize to a square (aspect ratio not kept), [0, 1], mean 0.5 std 0.5."""
+    return SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def flatten_images(images) -> list:
+    """One image, a list of images, or one list per sample -> a flat list."""
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in flatten_images(item)]
+    if getattr(images, "ndim", 0) == 4:  # a batch array or tensor (n, ...)
+        return list(images)
+    return [images]
+
+
+def load_image(image) -> Image.Image | np.ndarray:
+    """Open a path, or check an in-memory image; raise a ValueError that names the problem."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"Cannot read image {str(image)!r}: {error}") from error
+    if isinstance(image, Image.Image):
+        return image
+    array = np.asarray(image)
+    channels_ok = array.ndim == 2 or (array.ndim == 3 and (array.shape[-1] in (1, 3, 4) or array.shape[0] in (1, 3, 4)))
+    if not channels_ok or min(array.shape[:2]) == 0:
+        raise ValueError(
+            f"An image must be (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels; got shape {array.shape}."
+        )
+    return image
+
+
+class AkiProcessor(ProcessorMixin):
+    r"""
+    Turns chat text and images into AKI inputs.
+
+    Each `<image>` in the text becomes `num_image_tokens` placeholder tokens, images become
+    `pixel_values` (n, 3, H, W), and the count of `<image>` markers must match the images given.
+
+    Args:
+        image_processor: a SigLIP image processor (see `siglip_image_processor`).
+        tokenizer: the language model's tokenizer, holding `<image>` as a special token.
+        num_image_tokens: how many tokens one image takes (`AkiConfig.num_image_tokens`).
+        chat_template: a Jinja chat template (`PHI3_CHAT_TEMPLATE` for AKI-4B).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int = 144,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        **kwargs,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {image_token!r} token; add it as a special token.")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        if images is not None:
+            images = [load_image(image) for image in flatten_images(images)]
+        return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+
+__all__ = ["AkiProcessor", "PHI3_CHAT_TEMPLATE", "LLAMA3_CHAT_TEMPLATE", "AKI_SYSTEM_PROMPT", "siglip_image_processor"]

@@ -1,0 +1,218 @@
+"""The model: backends agree, MMA changes exactly what it should, errors name the problem."""
+
+import pytest
+import torch
+from helpers import chat, encode
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import DynamicCache
+
+from aki import PromptSplitError
+from aki.masking import mma_window_ids
+from aki.presets import build_tiny
+
+QUESTION, OTHER_QUESTION = "What colour is the shape?", "Where is the circle?"
+
+
+def logits(model, inputs, policy="mma", implementation="sdpa"):
+    model.config.attention_policy = policy
+    model.set_attn_implementation(implementation)
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits
+    finally:
+        model.config.attention_policy = "mma"
+        model.set_attn_implementation("sdpa")
+
+
+def hidden_states(model, inputs, policy):
+    model.config.attention_policy = policy
+    try:
+        with torch.no_grad():
+            return model.model(**inputs).last_hidden_state
+    finally:
+        model.config.attention_policy = "mma"
+
+
+@pytest.fixture(params=["tiny", "tiny-llama"])
+def model_and_processor(request, tiny, tiny_llama):
+    return tiny if request.param == "tiny" else tiny_llama
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_backends_agree(model_and_processor, images, implementation):
+    model, processor = model_and_processor
+    inputs = encode(processor, chat(QUESTION, "A red square.", num_images=2), images)
+    reference = logits(model, inputs, implementation="eager")
+    assert torch.allclose(logits(model, inputs, implementation=implementation), reference, atol=1e-5)
+    # MMA is really on: the causal baseline gives other logits.
+    assert not torch.allclose(logits(model, inputs, policy="causal"), reference, atol=1e-4)
+
+
+def test_flex_attention_agrees_with_sdpa(tiny, images):
+    model, processor = tiny
+    torch._dynamo.config.automatic_dynamic_shapes = False  # one fixed shape: compile once
+    inputs = encode(processor, chat(QUESTION, "A red square."), images[:1])
+    reference = logits(model, inputs, implementation="eager")
+    assert torch.allclose(logits(model, inputs, implementation="flex_attention"), reference, atol=1e-5)
+
+
+def image_positions(model, inputs):
+    return inputs["input_ids"][0] == model.config.image_token_id
+
+
+def test_mma_image_tokens_read_the_question_not_the_answer(model_and_processor, images):
+    model, processor = model_and_processor
+    base = encode(processor, chat(QUESTION, "A red square."), images[:1])
+    other_question = encode(processor, chat(OTHER_QUESTION, "A red square."), images[:1])
+    other_answer = encode(processor, chat(QUESTION, "Blue, near the top."), images[:1])
+    assert image_positions(model, base).sum() == model.config.num_image_tokens
+
+    def image_states(inputs, policy):
+        return hidden_states(model, inputs, policy)[0, image_positions(model, inputs)]
+
+    mma = image_states(base, "mma")
+    assert not torch.allclose(image_states(other_question, "mma"), mma, atol=1e-4)
+    assert torch.allclose(image_states(other_answer, "mma"), mma, atol=1e-6)
+    causal = image_states(base, "causal")
+    assert torch.allclose(image_states(other_question, "causal"), causal, atol=1e-6)
+    assert torch.allclose(image_states(other_answer, "causal"), causal, atol=1e-6)
+
+
+def greedy_by_hand(model, inputs, steps):
+    """Recompute the whole sequence at every step, without a cache."""
+    input_ids, scores = inputs["input_ids"], []
+    for _ in range(steps):
+        with torch.no_grad():
+            step_logits = model(input_ids=input_ids, pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
+        scores.append(step_logits)
+        input_ids = torch.cat([input_ids, step_logits.argmax(-1, keepdim=True)], dim=-1)
+    return input_ids, torch.stack(scores, 1)
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_cached_generation_equals_recomputation(model_and_processor, images, cache_implementation):
+    model, processor = model_and_processor
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    steps = 8
+    out = model.generate(
+        **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+        cache_implementation=cache_implementation, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    expected_ids, expected_scores = greedy_by_hand(model, inputs, steps)
+    assert torch.equal(out.sequences, expected_ids)
+    assert torch.allclose(torch.stack(out.logits, 1), expected_scores, atol=1e-5)
+    # The prefill ran with MMA: the causal model scores the first step differently.
+    causal_first = logits(model, inputs, policy="causal")[:, -1]
+    assert not torch.allclose(out.logits[0], causal_first, atol=1e-4)
+
+
+def test_generation_without_cache_equals_with_cache(tiny, images):
+    model, processor = tiny
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6}
+    assert torch.equal(model.generate(**inputs, **kwargs), model.generate(**inputs, use_cache=False, **kwargs))
+    beams = {"num_beams": 3, "do_sample": False, **kwargs}
+    assert torch.equal(model.generate(**inputs, **beams), model.generate(**inputs, use_cache=False, **beams))
+    torch.manual_seed(7)
+    sampled = model.generate(**inputs, do_sample=True, top_k=20, **kwargs)
+    torch.manual_seed(7)
+    assert torch.equal(sampled, model.generate(**inputs, do_sample=True, top_k=20, use_cache=False, **kwargs))
+
+
+def test_left_padded_batch_equals_each_sample_alone(model_and_processor, images):
+    model, processor = model_and_processor
+    processor.tokenizer.padding_side = "left"
+    questions = [QUESTION, "Is there a red square in the top left? Answer with a single word."]
+    texts = [processor.apply_chat_template(chat(q), add_generation_prompt=True, tokenize=False) for q in questions]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    kwargs = {"max_new_tokens": 5, "min_new_tokens": 5, "output_logits": True, "return_dict_in_generate": True}
+    together = model.generate(**batch, **kwargs)
+    for row, (text, image) in enumerate(zip(texts, images, strict=True)):
+        alone = model.generate(**processor(images=[image], text=[text], return_tensors="pt"), **kwargs)
+        assert torch.equal(together.sequences[row, -5:], alone.sequences[0, -5:])
+        for step in range(5):
+            assert torch.allclose(together.logits[step][row], alone.logits[step][0], atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_padded_rows_have_no_nan(tiny, images, implementation):
+    model, processor = tiny
+    processor.tokenizer.padding_side = "left"
+    texts = [
+        processor.apply_chat_template(chat(q), add_generation_prompt=True, tokenize=False)
+        for q in ["Hi?", "Is there a red square in the top left? Answer with a single word."]
+    ]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    assert not torch.isnan(logits(model, batch, implementation=implementation)).any()
+
+
+def test_prefill_split_between_image_and_question_raises(tiny, images):
+    model, processor = tiny
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    input_ids = inputs["input_ids"]
+    after_image = int((input_ids[0] == model.config.image_token_id).nonzero().max()) + 1
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(input_ids=input_ids[:, :after_image], pixel_values=inputs["pixel_values"], cache=cache, use_cache=True)
+    with pytest.raises(PromptSplitError, match="split"):
+        model.generate(input_ids=input_ids, attention_mask=inputs["attention_mask"], cache=cache, max_new_tokens=2)
+    # A forward given the whole sequence's windows detects it too, on either side of the chunk.
+    windows = mma_window_ids(input_ids, model.config.image_token_id, model.config.assistant_marker_ids)
+    with pytest.raises(PromptSplitError):
+        model(input_ids=input_ids[:, after_image:], cache=cache, mma_window_ids=windows)
+    with pytest.raises(PromptSplitError):
+        model(input_ids=input_ids[:, :after_image], pixel_values=inputs["pixel_values"], mma_window_ids=windows)
+
+
+def test_cache_continuation_after_a_whole_turn_is_allowed(tiny, images):
+    """A new text turn after a cached image turn is fine: the image never sees later turns."""
+    model, processor = tiny
+    first = encode(processor, chat(QUESTION, "Red."), images[:1])
+    follow_up = chat(QUESTION, "Red.") + [{"role": "user", "content": OTHER_QUESTION}]
+    full = encode(processor, follow_up, images[:1])
+    cached = first["input_ids"].shape[1]
+    assert torch.equal(full["input_ids"][:, :cached], first["input_ids"])
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**first, cache=cache, use_cache=True)
+        continued = model(input_ids=full["input_ids"][:, cached:], cache=cache).logits
+    assert torch.allclose(continued, logits(model, full)[:, cached:], atol=1e-5)
+
+
+def test_loss_and_gradients(tiny, images):
+    model, processor = tiny
+    inputs = encode(processor, chat(QUESTION, "A red square."), images[:1])
+    labels = inputs["input_ids"].clone()
+    labels[labels == model.config.image_token_id] = -100
+    model.train()
+    try:
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+    finally:
+        model.eval()
+    assert torch.isfinite(loss)
+    assert model.model.connector.latents.grad is not None and model.model.connector.latents.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_flash_attention_is_refused(tiny, tmp_path):
+    model, _ = tiny
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForImageTextToText
+
+    with pytest.raises(ValueError, match="Flash Attention"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+
+
+def test_bad_inputs_name_the_problem(tiny, images):
+    model, processor = tiny
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    with pytest.raises(ValueError, match="image tokens"):
+        model(input_ids=inputs["input_ids"], pixel_values=torch.cat([inputs["pixel_values"]] * 2))
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        model(input_ids=inputs["input_ids"], pixel_values=torch.zeros(1, 3, 20, 20))
+    with pytest.raises(StrictDataclassClassValidationError, match="attention_policy must be one of"):
+        build_tiny("tiny", attention_policy="bidirectional")

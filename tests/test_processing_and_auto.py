@@ -1,0 +1,119 @@
+"""The processor, the chat template, and the Auto-class round trips."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import chat, encode
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from aki import AkiConfig, AkiForConditionalGeneration, AkiModel, AkiProcessor
+from aki.presets import PRESETS, config_from_preset
+from aki.processing_aki import AKI_SYSTEM_PROMPT
+
+SPEC_PROMPT = "<|system|>\n" + AKI_SYSTEM_PROMPT + "<|end|>\n<|user|>\n<image>\nWhat is this?<|end|>\n<|assistant|>\n"
+
+
+def test_chat_template_is_the_official_prompt(tiny):
+    _, processor = tiny
+    text = processor.apply_chat_template(chat("What is this?"), add_generation_prompt=True, tokenize=False)
+    assert text == SPEC_PROMPT
+    with_answer = processor.apply_chat_template(chat("What is this?", "A cat."), tokenize=False)
+    assert with_answer == SPEC_PROMPT + "A cat.<|endoftext|>"
+
+
+def test_processor_expands_images_and_prepends_bos(tiny, images):
+    model, processor = tiny
+    inputs = encode(processor, chat("What is this?", num_images=2), images)
+    ids = inputs["input_ids"][0]
+    assert ids[0] == processor.tokenizer.bos_token_id
+    assert (ids == model.config.image_token_id).sum() == 2 * model.config.num_image_tokens
+    assert inputs["pixel_values"].shape == (2, 3, 32, 32)
+    # SPEC section 2: mean 0.5, std 0.5 -> values in [-1, 1].
+    assert inputs["pixel_values"].min() >= -1 and inputs["pixel_values"].max() <= 1
+
+
+def test_image_preprocessing_is_bicubic_resize_and_half_normalisation(tiny):
+    _, processor = tiny
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    pixel_values = processor(images=image, text="<image>", return_tensors="pt")["pixel_values"][0]
+    resized = np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    expected = torch.from_numpy((resized - 0.5) / 0.5).permute(2, 0, 1)
+    assert torch.allclose(pixel_values, expected, atol=1e-6)
+
+
+def test_bad_processor_inputs_name_the_problem(tiny, images, tmp_path):
+    _, processor = tiny
+    text = processor.apply_chat_template(
+        chat("What is this?", num_images=2), add_generation_prompt=True, tokenize=False
+    )
+    with pytest.raises(ValueError, match="Found total 2 <image> tokens and 1 images"):
+        processor(images=images[:1], text=text)
+    with pytest.raises(ValueError, match="no images were passed"):
+        processor(text=text)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(ValueError, match="Cannot read image .*corrupt.jpg"):
+        processor(images=[str(corrupt)], text="<image>")
+    with pytest.raises(ValueError, match=r"got shape \(5, 5, 7\)"):
+        processor(images=[np.zeros((5, 5, 7), dtype=np.uint8)], text="<image>")
+
+
+def test_images_from_paths(tiny, images, tmp_path):
+    _, processor = tiny
+    path = tmp_path / "astronaut.png"
+    images[0].save(path)
+    from_path = processor(images=[str(path)], text="<image>", return_tensors="pt")["pixel_values"]
+    from_memory = processor(images=[images[0]], text="<image>", return_tensors="pt")["pixel_values"]
+    assert torch.equal(from_path, from_memory)
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_llama"])
+def test_save_and_load_with_auto_classes(fixture, images, tmp_path, request):
+    model, processor = request.getfixturevalue(fixture)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), AkiConfig)
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded_processor, AkiProcessor)
+    assert loaded_processor.num_image_tokens == processor.num_image_tokens
+    assert loaded_processor.chat_template == processor.chat_template
+
+    inputs = encode(processor, chat("What is this?", "A cat."), images[:1])
+    reloaded_inputs = encode(loaded_processor, chat("What is this?", "A cat."), images[:1])
+    for key in inputs:
+        assert torch.equal(inputs[key], reloaded_inputs[key]), key
+
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, AkiForConditionalGeneration)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+        base = AutoModel.from_pretrained(tmp_path).eval()
+        assert isinstance(base, AkiModel)
+        assert torch.equal(base(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)
+
+
+def test_real_presets_describe_the_paper_models():
+    config = config_from_preset("aki-4b")
+    assert config.num_image_tokens == 144
+    assert (config.perceiver_depth, config.perceiver_heads, config.perceiver_head_dim) == (6, 8, 64)
+    assert config.vision_config.hidden_size == 1152 and config.vision_config.image_size == 384
+    assert config.text_config.model_type == "phi3" and config.text_config.vocab_size == 32014
+    assert (config.image_token_id, config.assistant_marker_ids) == (32012, [32001])
+    llama = config_from_preset("aki-llama3.2-3b")
+    assert llama.text_config.model_type == "llama" and llama.assistant_marker_ids == [128006, 78191, 128007]
+    with pytest.raises(ValueError, match="Unknown preset"):
+        config_from_preset("aki-70b")
+    assert set(PRESETS) >= {"tiny", "tiny-llama", "aki-4b", "aki-llama3.2-3b"}
+
+
+def test_aki_4b_parameter_count_on_the_meta_device():
+    """The 4B preset builds the published architecture: ~4.3B parameters (SigLIP + resampler + Phi-3.5)."""
+    config = config_from_preset("aki-4b")
+    with torch.device("meta"):
+        model = AkiForConditionalGeneration(config)
+    resampler = sum(p.numel() for p in model.model.connector.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert 81e6 < resampler < 82e6  # paper digest: ~81.6M
+    assert 4.2e9 < total < 4.4e9
