@@ -4,16 +4,17 @@
 `AutoModelForImageTextToText` and `AutoProcessor` load AKI folders without remote code.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from . import masking, presets
 from .configuration_aki import AkiConfig
 from .modeling_aki import AkiForConditionalGeneration, AkiModel, AkiPreTrainedModel, PromptSplitError
-from .processing_aki import AkiProcessor
+from .processing_aki import AkiImageProcessor, AkiProcessor
 
 AutoConfig.register(AkiConfig.model_type, AkiConfig, exist_ok=True)
 AutoModel.register(AkiConfig, AkiModel, exist_ok=True)
 AutoModelForImageTextToText.register(AkiConfig, AkiForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(AkiConfig, image_processor_classes={"pil": AkiImageProcessor}, exist_ok=True)
 AutoProcessor.register(AkiConfig, AkiProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AkiConfig",
     "AkiForConditionalGeneration",
+    "AkiImageProcessor",
     "AkiModel",
     "AkiPreTrainedModel",
     "AkiProcessor",

@@ -16,8 +16,8 @@ from .processing_aki import (
     AKI_SYSTEM_PROMPT,
     LLAMA3_CHAT_TEMPLATE,
     PHI3_CHAT_TEMPLATE,
+    AkiImageProcessor,
     AkiProcessor,
-    siglip_image_processor,
 )
 
 # Phi-3.5-mini-instruct (config.json of microsoft/Phi-3.5-mini-instruct), vocabulary cut to the
@@ -319,7 +319,9 @@ def processor_from_preset(name: str, config: AkiConfig | None = None) -> AkiProc
         raise ValueError(f"Preset {name!r} uses its checkpoint's tokenizer; load it with AutoProcessor.")
     config = config or config_from_preset(name)
     return AkiProcessor(
-        image_processor=siglip_image_processor(config.vision_config.image_size),
+        image_processor=AkiImageProcessor(
+            size={"height": config.vision_config.image_size, "width": config.vision_config.image_size}
+        ),
         tokenizer=build_tiny_tokenizer(),
         num_image_tokens=config.num_image_tokens,
         chat_template=preset["chat_template"],

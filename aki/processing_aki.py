@@ -51,14 +51,17 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-def siglip_image_processor(image_size: int = 384) -> SiglipImageProcessorPil:
-    """SPEC section 2: bicubic resize to a square (aspect ratio not kept), [0, 1], mean 0.5 std 0.5."""
-    return SiglipImageProcessorPil(
-        size={"height": image_size, "width": image_size},
-        resample=PILImageResampling.BICUBIC,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+class AkiImageProcessor(SiglipImageProcessorPil):
+    """SPEC section 2: bicubic resize to a 384 square (aspect ratio not kept), [0, 1], mean 0.5 std 0.5.
+
+    PIL only: the official transforms resized PIL images, and torchvision's tensor resize
+    rounds differently, so this class has no torchvision backend to be swapped in for it.
+    """
+
+    size = {"height": 384, "width": 384}
+    resample = PILImageResampling.BICUBIC
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
 
 
 def flatten_images(images) -> list:
@@ -97,7 +100,7 @@ class AkiProcessor(ProcessorMixin):
     `pixel_values` (n, 3, H, W), and the count of `<image>` markers must match the images given.
 
     Args:
-        image_processor: a SigLIP image processor (see `siglip_image_processor`).
+        image_processor: an `AkiImageProcessor`.
         tokenizer: the language model's tokenizer, holding `<image>` as a special token.
         num_image_tokens: how many tokens one image takes (`AkiConfig.num_image_tokens`).
         chat_template: a Jinja chat template (`PHI3_CHAT_TEMPLATE` for AKI-4B).
@@ -128,4 +131,4 @@ class AkiProcessor(ProcessorMixin):
         return self.image_token * self.num_image_tokens
 
 
-__all__ = ["AkiProcessor", "PHI3_CHAT_TEMPLATE", "LLAMA3_CHAT_TEMPLATE", "AKI_SYSTEM_PROMPT", "siglip_image_processor"]
+__all__ = ["AkiImageProcessor", "AkiProcessor", "PHI3_CHAT_TEMPLATE", "LLAMA3_CHAT_TEMPLATE", "AKI_SYSTEM_PROMPT"]

@@ -6,7 +6,7 @@ from helpers import chat, encode
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import DynamicCache
 
-from aki import PromptSplitError
+from aki import AkiForConditionalGeneration, PromptSplitError
 from aki.masking import mma_window_ids
 from aki.presets import build_tiny
 
@@ -216,3 +216,50 @@ def test_bad_inputs_name_the_problem(tiny, images):
         model(input_ids=inputs["input_ids"], pixel_values=torch.zeros(1, 3, 20, 20))
     with pytest.raises(StrictDataclassClassValidationError, match="attention_policy must be one of"):
         build_tiny("tiny", attention_policy="bidirectional")
+
+
+BACKBONES = {
+    "phi3-sliding-window": {"model_type": "phi3", "sliding_window": 4096, "original_max_position_embeddings": 1024},
+    "llama": {"model_type": "llama"},
+    "qwen2-sliding-layers": {
+        "model_type": "qwen2",
+        "use_sliding_window": True,
+        "sliding_window": 4096,
+        "layer_types": ["full_attention", "sliding_attention"],
+    },
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_backbones_apply_the_dense_reference_mask(backbone, implementation, images):
+    """Any causal LM: the mask built inside the model equals feeding the dense rule as a 4D mask."""
+    from aki.masking import dense_attention_mask
+    from aki.presets import TINY_IDS, TINY_TEXT, config_from_preset
+
+    special = {
+        "bos_token_id": TINY_IDS["<s>"],
+        "eos_token_id": TINY_IDS["<|endoftext|>"],
+        "pad_token_id": TINY_IDS["<pad>"],
+    }
+    config = config_from_preset("tiny", text_config={**TINY_TEXT, **special, **BACKBONES[backbone]})
+    torch.manual_seed(0)
+    model = AkiForConditionalGeneration(config).eval()
+    model.set_attn_implementation(implementation)
+    _, processor = build_tiny("tiny")
+    processor.tokenizer.padding_side = "left"
+    texts = [
+        processor.apply_chat_template(chat(q, "Red."), tokenize=False) for q in [QUESTION, "Is it round? Yes or no."]
+    ]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    windows = model.model.window_ids(batch["input_ids"], batch["attention_mask"])
+    allowed = dense_attention_mask(windows, batch["attention_mask"])[:, None]
+    if implementation == "eager":
+        dense = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    else:
+        dense = allowed
+    with torch.no_grad():
+        built = model(**batch).logits
+        reference = model(**{**batch, "attention_mask": dense}).logits
+    valid = batch["attention_mask"].bool()
+    assert torch.allclose(built[valid], reference[valid], atol=1e-5)

@@ -7,7 +7,7 @@ from helpers import chat, encode
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from aki import AkiConfig, AkiForConditionalGeneration, AkiModel, AkiProcessor
+from aki import AkiConfig, AkiForConditionalGeneration, AkiImageProcessor, AkiModel, AkiProcessor
 from aki.presets import PRESETS, config_from_preset
 from aki.processing_aki import AKI_SYSTEM_PROMPT
 
@@ -31,6 +31,13 @@ def test_processor_expands_images_and_prepends_bos(tiny, images):
     assert inputs["pixel_values"].shape == (2, 3, 32, 32)
     # SPEC section 2: mean 0.5, std 0.5 -> values in [-1, 1].
     assert inputs["pixel_values"].min() >= -1 and inputs["pixel_values"].max() <= 1
+
+
+def test_default_image_processor_is_the_aki_4b_one():
+    processor = AkiImageProcessor()
+    assert (processor.size.height, processor.size.width) == (384, 384)
+    assert processor.resample == Image.Resampling.BICUBIC
+    assert list(processor.image_mean) == [0.5] * 3 and list(processor.image_std) == [0.5] * 3
 
 
 def test_image_preprocessing_is_bicubic_resize_and_half_normalisation(tiny):
@@ -77,6 +84,7 @@ def test_save_and_load_with_auto_classes(fixture, images, tmp_path, request):
     assert isinstance(AutoConfig.from_pretrained(tmp_path), AkiConfig)
     loaded_processor = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded_processor, AkiProcessor)
+    assert isinstance(loaded_processor.image_processor, AkiImageProcessor)  # PIL resize, as the official code
     assert loaded_processor.num_image_tokens == processor.num_image_tokens
     assert loaded_processor.chat_template == processor.chat_template
 
