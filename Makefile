@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo,train,lora]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,8 +22,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check aki tests
-	$(VENV)/bin/ruff format --check aki tests
+	$(VENV)/bin/ruff check aki training tests
+	$(VENV)/bin/ruff format --check aki training tests
 
 clean:
 	rm -rf $(VENV) .cache outputs

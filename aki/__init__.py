@@ -6,7 +6,7 @@
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from . import masking, presets
+from . import assemble, masking, presets
 from .configuration_aki import AkiConfig
 from .modeling_aki import AkiForConditionalGeneration, AkiModel, AkiPreTrainedModel, PromptSplitError
 from .processing_aki import AkiImageProcessor, AkiProcessor
@@ -27,6 +27,7 @@ __all__ = [
     "AkiPreTrainedModel",
     "AkiProcessor",
     "PromptSplitError",
+    "assemble",
     "masking",
     "presets",
 ]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import aki
-from aki.convert_official import ConversionError, convert, main
+from aki.convert_official import ConversionError, convert
 
 OFFICIAL_CONFIG = {
     "vision_encoder_path": "google/siglip-so400m-patch14-384",

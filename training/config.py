@@ -1,0 +1,110 @@
+"""Training configuration: plain dataclasses read from YAML, with unknown keys refused."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Stage = Literal["pretrain", "sft"]
+TRAINABLE_PARTS = ("connector", "connector+llm", "all", "lora")
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from: a preset (random init), a native checkpoint, or two pretrained parts."""
+
+    preset: str | None = "tiny"
+    pretrained: str | None = None  # a native AKI folder (e.g. the pre-training export)
+    vision_model: str | None = None  # a SigLIP folder, with `language_model`, for a fresh AKI
+    language_model: str | None = None
+    attention_policy: str | None = None  # overrides the checkpoint's; pretrain forces "causal"
+    trainable: str = "connector+llm"  # connector | connector+llm | all | lora
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSource:
+    """One dataset of the run. `kind` picks the reader; `weight` its share of an SFT mixture."""
+
+    kind: str  # webdataset | hf_dataset | llava_json | task | synthetic
+    path: str = ""
+    weight: float = 1.0
+    size: int = 256  # synthetic only: how many items
+    task: str | None = None  # for kind == "task": vqa, gqa, vsr, ocrvqa, aokvqa, scienceqa, refcoco, vg, llava
+    image_root: str | None = None
+    image_column: str = "image"
+    text_column: str = "text"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    stage: Stage
+    output_dir: str
+    data: list[DataSource]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    max_steps: int = 100
+    micro_batch_size: int = 4  # per process
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512  # tokens, image tokens included
+    num_workers: int = 0
+    seed: int = 42
+    bf16: bool = False
+    deepspeed: str | None = None  # a DeepSpeed JSON; its batch and clipping fields are filled from here
+    save_every: int = 0  # steps; 0 = only at the end
+    log_every: int = 1
+    stop_after: int | None = None  # exit (without export) after this step, for resume tests
+
+    def __post_init__(self):
+        if self.stage not in ("pretrain", "sft"):
+            raise ValueError(f"stage must be 'pretrain' or 'sft', got {self.stage!r}.")
+        if self.model.trainable not in TRAINABLE_PARTS:
+            raise ValueError(f"model.trainable must be one of {TRAINABLE_PARTS}, got {self.model.trainable!r}.")
+        if not self.data:
+            raise ValueError("The config lists no data.")
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"Unknown key(s) in {where}: {', '.join(unknown)}. Known: {', '.join(sorted(fields))}.")
+    nested = {"model": ModelConfig, "optim": OptimConfig}
+    kwargs = {}
+    for key, value in values.items():
+        if key in nested:
+            value = _build(nested[key], value, f"{where}.{key}")
+        elif key == "data":
+            value = [_build(DataSource, item, f"{where}.data[{i}]") for i, item in enumerate(value)]
+        elif key == "betas":
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config; `overrides` (dotted keys, e.g. {"optim.lr": 1e-3}) replace its values."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        target = values
+        *parents, last = dotted.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = value
+    return _build(TrainConfig, values, str(path))

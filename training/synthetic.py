@@ -1,0 +1,110 @@
+"""Coloured shapes on a grid, generated on the fly: data for tiny runs that needs no download.
+
+Each item is a pure function of (seed, index). Pre-training items are captions that list every
+shape; SFT items ask about one shape through the paper's VQA template. `write_webdataset` and
+`write_llava_json` save the same items in the public formats, for the file readers' tests.
+"""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
+SHAPES = ("circle", "square", "triangle")
+CELLS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def draw_scene(objects: list[tuple[str, str, int]], size: int) -> Image.Image:
+    """objects: (colour, shape, cell) with cells 0..3 of a 2x2 grid."""
+    image = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    half = size // 2
+    for colour, shape, cell in objects:
+        x0, y0 = (cell % 2) * half + half // 6, (cell // 2) * half + half // 6
+        x1, y1 = x0 + half * 2 // 3, y0 + half * 2 // 3
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+        elif shape == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=fill)
+        else:
+            draw.polygon([((x0 + x1) // 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    return image
+
+
+def scene(seed: int, index: int) -> list[tuple[str, str, int]]:
+    rng = np.random.default_rng([seed, index])
+    count = int(rng.integers(1, 4))
+    cells = rng.choice(len(CELLS), size=count, replace=False)
+    return [(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), int(cell)) for cell in cells]
+
+
+def caption_of(objects) -> str:
+    parts = [f"a {colour} {shape} in the {CELLS[cell]}" for colour, shape, cell in sorted(objects, key=lambda o: o[2])]
+    return " and ".join(parts).capitalize() + "."
+
+
+class ShapesSource:
+    """`size` items; `stage` "pretrain" gives image-caption pairs, "sft" gives VQA task items."""
+
+    def __init__(self, size: int = 256, seed: int = 0, image_size: int = 32, stage: str = "pretrain"):
+        self.size, self.seed, self.image_size, self.stage = size, seed, image_size, stage
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        objects = scene(self.seed, index)
+        image = draw_scene(objects, self.image_size)
+        if self.stage == "pretrain":
+            return {"image": image, "text": caption_of(objects)}
+        colour, shape, cell = objects[index % len(objects)]
+        record = {"image": image, "question": f"What colour is the shape in the {CELLS[cell]}?", "answer": colour}
+        return {"task": "vqa", "record": record, "image_root": None}
+
+
+def write_webdataset(folder: Path, shards: int, per_shard: int, seed: int = 0, image_size: int = 32) -> str:
+    """Caption shards `folder/{000..shards-1}.tar`; returns the brace pattern."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = ShapesSource(shards * per_shard, seed, image_size)
+    for shard in range(shards):
+        with tarfile.open(folder / f"{shard:03d}.tar", "w") as tar:
+            for index in range(shard * per_shard, (shard + 1) * per_shard):
+                item = source[index]
+                buffer = io.BytesIO()
+                item["image"].save(buffer, format="JPEG", quality=95)
+                for extension, payload in (("jpg", buffer.getvalue()), ("txt", item["text"].encode())):
+                    info = tarfile.TarInfo(f"{index:06d}.{extension}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(folder / f"{{000..{shards - 1:03d}}}.tar")
+
+
+def write_llava_json(folder: Path, size: int, seed: int = 0, image_size: int = 32) -> Path:
+    """A LLaVA-format JSON of two-turn conversations about saved PNGs; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in range(size):
+        objects = scene(seed, index)
+        name = f"{index:06d}.png"
+        draw_scene(objects, image_size).save(folder / name)
+        colour, shape, cell = objects[0]
+        records.append(
+            {
+                "id": str(index),
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nWhat shape is in the {CELLS[cell]}?"},
+                    {"from": "gpt", "value": f"A {shape}."},
+                    {"from": "human", "value": "What colour is it?"},
+                    {"from": "gpt", "value": f"It is {colour}."},
+                ],
+            }
+        )
+    path = folder / "conversations.json"
+    path.write_text(json.dumps(records))
+    return path

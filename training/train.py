@@ -1,0 +1,486 @@
+"""Train AKI: pre-training (captions, causal attention) or instruction tuning (chats, MMA).
+
+    deepspeed training/train.py --config configs/aki4b_sft.yaml
+    torchrun --nproc_per_node 2 training/train.py --config configs/tiny_sft.yaml
+    python training/train.py --config configs/tiny_pretrain.yaml
+
+With `deepspeed:` in the config the DeepSpeed engine runs the optimisation (ZeRO 2/3), under
+any of the three launchers; without it, plain PyTorch (DDP when several processes run).
+
+The loss of a step is the mean over every supervised token of the global batch (all ranks, all
+accumulation steps), whatever the split, so 1 process and N processes give the same numbers.
+Checkpoints hold the model, optimiser, scheduler and step; the data stream is a function of the
+step (see `training.data`), so a resumed run continues the same loss curve.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a script: make `training` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.config import TrainConfig, load_config  # noqa: E402
+from training.data import TrainStream, build_source, sample_encoder, supervised_tokens, tokens_in  # noqa: E402
+
+logger = logging.getLogger("aki.train")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). A plain process with DeepSpeed gets a world of one."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+    device = device or torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if cfg.deepspeed:
+        import deepspeed
+
+        # DeepSpeed looks for MPI without these; a plain `python train.py` is a world of one.
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        deepspeed.init_distributed(dist_backend=backend)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def all_sum(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def all_counter(counter: Counter, device: torch.device) -> Counter:
+    if not dist.is_initialized():
+        return counter
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counter))
+    return sum((Counter(part) for part in gathered), Counter())
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(cfg: TrainConfig):
+    """(model, processor) from a preset, a native checkpoint, or a vision and a language model."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import aki
+
+    policy = "causal" if cfg.stage == "pretrain" else (cfg.model.attention_policy or "mma")
+    if cfg.model.pretrained:
+        model = AutoModelForImageTextToText.from_pretrained(cfg.model.pretrained, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(cfg.model.pretrained)
+        model.config.attention_policy = policy
+    elif cfg.model.vision_model and cfg.model.language_model:
+        model, processor = aki.assemble.from_parts(
+            cfg.model.vision_model, cfg.model.language_model, attention_policy=policy
+        )
+    elif cfg.model.preset:
+        torch.manual_seed(cfg.seed)
+        model, processor = aki.presets.build_tiny(cfg.model.preset, seed=cfg.seed, attention_policy=policy)
+    else:
+        raise ValueError("model needs `pretrained`, `vision_model` + `language_model`, or `preset`.")
+    return model, processor
+
+
+def set_trainable(model, cfg: TrainConfig):
+    """Freeze what the config keeps fixed; returns the model (wrapped by peft for LoRA)."""
+    parts = cfg.model.trainable
+    model.requires_grad_(False)
+    model.model.connector.requires_grad_(True)
+    if parts in ("connector+llm", "all"):
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    if parts == "all":
+        model.model.vision_tower.requires_grad_(True)
+    if parts == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as error:
+            raise ImportError("model.trainable: lora needs peft (pip install peft).") from error
+        lora = LoraConfig(
+            r=cfg.model.lora_rank,
+            lora_alpha=cfg.model.lora_alpha,
+            target_modules=r".*language_model.*\.(qkv_proj|o_proj|q_proj|k_proj|v_proj|gate_up_proj|down_proj|gate_proj|up_proj)",
+            modules_to_save=["connector"],
+        )
+        model = get_peft_model(model, lora)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on embeddings, norms, biases and the Perceiver latents."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        plain = parameter.ndim < 2 or "embed" in name or "norm" in name or name.endswith("latents")
+        (no_decay if plain else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(step: int, cfg: TrainConfig) -> float:
+    """LR multiplier: linear warmup, then cosine from lr down to min_lr at max_steps."""
+    warmup = cfg.optim.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+    floor = cfg.optim.min_lr / cfg.optim.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+class TorchEngine:
+    """Plain PyTorch (DDP with several processes) behind the same few calls as DeepSpeed's engine."""
+
+    def __init__(self, model, optimizer, scheduler, cfg: TrainConfig, device):
+        self.module, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
+        # Unused parameters happen: a micro-batch without images never reaches the connector.
+        distributed = dist.is_initialized()
+        self.model = (
+            torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
+        )
+        self.micro_steps, self.device = 0, device
+
+    def __call__(self, **batch):
+        return self.model(**batch)
+
+    def backward(self, loss):
+        (loss / self.cfg.gradient_accumulation_steps).backward()
+        self.micro_steps += 1
+
+    def step(self) -> float:
+        if self.micro_steps % self.cfg.gradient_accumulation_steps:
+            return float("nan")
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, folder: Path, state: dict):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            trainable = {k: v for k, v in self.module.state_dict().items() if k in self._trainable_names()}
+            payload = {
+                "model": trainable,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }
+            torch.save({**payload, "state": state}, folder / "engine.pt")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load(self, folder: Path) -> dict:
+        payload = torch.load(folder / "engine.pt", map_location=self.device, weights_only=False)
+        self.module.load_state_dict(payload["model"], strict=False)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        return payload["state"]
+
+    def _trainable_names(self) -> set[str]:
+        return {name for name, p in self.module.named_parameters() if p.requires_grad}
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's engine; gradient accumulation, clipping and the schedule happen inside it."""
+
+    def __init__(self, model, optimizer, scheduler, cfg: TrainConfig, world_size: int):
+        import deepspeed
+
+        config = json.loads(Path(cfg.deepspeed).read_text())
+        for section in ("optimizer", "scheduler"):
+            if section in config:
+                raise ValueError(f"{cfg.deepspeed}: remove '{section}'; the optimiser and schedule come from the YAML.")
+        config.update(
+            train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            train_batch_size=cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
+            gradient_clipping=cfg.optim.max_grad_norm,
+        )
+        config["bf16"] = {"enabled": cfg.bf16}
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        self.module = self.engine.module
+
+    def __call__(self, **batch):
+        return self.engine(**batch)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, folder: Path, state: dict):
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={"state": state})
+
+    def load(self, folder: Path) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        return client_state["state"]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def loss_sum(model_outputs, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over supervised tokens."""
+    logits = model_outputs.logits[:, :-1].float()
+    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    moved = {k: v.to(device) for k, v in batch.items() if v is not None}
+    if "pixel_values" in moved:
+        moved["pixel_values"] = moved["pixel_values"].to(dtype)
+    return moved
+
+
+def save_loss_curve(metrics_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {}
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        rows[record["step"]] = record  # a resumed run rewrites the steps after its checkpoint
+    steps = sorted(rows)
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(steps, [rows[s]["loss"] for s in steps], label="loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (mean per supervised token)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    pointer = output_dir / "checkpoints" / "latest_step"
+    if not pointer.exists():
+        return None
+    return output_dir / "checkpoints" / pointer.read_text().strip()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the configured training; returns a summary (final loss, skipped samples, paths)."""
+    rank, world_size, device = init_distributed(cfg)
+    is_main = rank == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    output_dir = Path(cfg.output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+    torch.manual_seed(cfg.seed)
+    model, processor = build_model(cfg)
+    model = set_trainable(model, cfg).to(device)
+    model.train()
+    # DeepSpeed's bf16 mode casts the model itself; plain PyTorch trains fp32 weights under autocast.
+    dtype = torch.bfloat16 if cfg.bf16 and cfg.deepspeed else torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and not cfg.deepspeed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("%s: %.2fM trainable parameters, world size %d, %s", cfg.stage, trainable / 1e6, world_size, device)
+
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, cfg))
+    if cfg.deepspeed:
+        engine = DeepSpeedEngine(model, optimizer, scheduler, cfg, world_size)
+    else:
+        engine = TorchEngine(model, optimizer, scheduler, cfg, device)
+
+    step, skipped, notes = 0, Counter(), Counter()
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is not None:
+        state = engine.load(checkpoint)
+        step, skipped, notes = state["step"], Counter(state["skipped"]), Counter(state["notes"])
+        logger.info("resumed from %s at step %d", checkpoint, step)
+
+    sources = [build_source(source, cfg.stage, cfg.seed) for source in cfg.data]
+    stream = TrainStream(
+        sources,
+        [source.weight for source in cfg.data],
+        sample_encoder(cfg.stage, processor, cfg.max_length, cfg.seed),
+        cfg.micro_batch_size,
+        processor.tokenizer.pad_token_id,
+        cfg.seed,
+        rank,
+        world_size,
+        start_micro_step=step * cfg.gradient_accumulation_steps,
+    )
+    loader = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
+
+    metrics_path = output_dir / "metrics.jsonl"
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(output_dir / "tensorboard"))
+    progress = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc=cfg.stage, dynamic_ncols=True)
+    loss_value = float("nan")
+    while step < cfg.max_steps:
+        started = time.perf_counter()
+        micro_batches = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
+        for item in micro_batches:
+            skipped.update(item["skipped"])
+            notes.update(item["notes"])
+        global_targets = all_sum(sum(supervised_tokens(item["batch"]) for item in micro_batches), device)
+        scale = world_size * cfg.gradient_accumulation_steps / max(global_targets, 1.0)
+        local_sum = 0.0
+        for item in micro_batches:
+            if item["batch"] is None:  # every sample skipped: a zero loss still joins the gradient all-reduce
+                token = torch.tensor([[processor.tokenizer.pad_token_id]], device=device)
+                loss = engine(input_ids=token, attention_mask=torch.ones_like(token)).logits.sum() * 0.0
+            else:
+                batch = to_device(item["batch"], device, dtype)
+                labels = batch.pop("labels")
+                with autocast:
+                    outputs = engine(**batch)
+                summed = loss_sum(outputs, labels)
+                local_sum += float(summed.detach())
+                loss = summed * scale
+            engine.backward(loss)
+        grad_norm = engine.step()
+        step += 1
+        loss_value = all_sum(local_sum, device) / max(global_targets, 1.0)
+        tokens = all_sum(sum(tokens_in(item["batch"]) for item in micro_batches), device)
+        elapsed = time.perf_counter() - started
+        lr = engine.optimizer.param_groups[0]["lr"]
+        if is_main:
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens / elapsed,
+            }
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                writer.add_scalar(f"train/{key}", record[key], step)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+            progress.update(1)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or step == cfg.stop_after:
+            save_checkpoint(engine, output_dir, step, all_counter(skipped, device), all_counter(notes, device), is_main)
+        if step == cfg.stop_after:
+            progress.close()
+            return {"step": step, "loss": loss_value, "stopped": True}
+    progress.close()
+
+    skipped_total, notes_total = all_counter(skipped, device), all_counter(notes, device)
+    export_dir = output_dir / "final"
+    export(engine, processor, export_dir, cfg, is_main)
+    summary = {"step": step, "loss": loss_value, "skipped": dict(skipped_total), "notes": dict(notes_total)}
+    if is_main:
+        writer.close()
+        save_loss_curve(metrics_path, output_dir / "loss_curve.png")
+        (output_dir / "data_report.json").write_text(json.dumps(summary, indent=2))
+        logger.info("skipped samples: %s", dict(skipped_total) or "none")
+        logger.info("shortened samples: %s", dict(notes_total) or "none")
+        logger.info("exported %s; loss curve %s", export_dir, output_dir / "loss_curve.png")
+    return {**summary, "export": str(export_dir)}
+
+
+def save_checkpoint(engine, output_dir: Path, step: int, skipped: Counter, notes: Counter, is_main: bool) -> None:
+    folder = output_dir / "checkpoints" / f"step_{step}"
+    engine.save(folder, {"step": step, "skipped": dict(skipped), "notes": dict(notes)})
+    if is_main:  # the pointer moves only once the checkpoint is complete
+        pointer = output_dir / "checkpoints" / "latest_step"
+        temporary = pointer.with_suffix(".tmp")
+        temporary.write_text(folder.name)
+        temporary.replace(pointer)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def export(engine, processor, folder: Path, cfg: TrainConfig, is_main: bool) -> None:
+    """`save_pretrained` of the trained model (LoRA merged, ZeRO-3 shards gathered) and its processor."""
+    module = engine.module
+    if cfg.deepspeed and json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if is_main else None
+    else:
+        state = None
+    if is_main:
+        if hasattr(module, "merge_and_unload"):  # LoRA
+            module = module.merge_and_unload()
+        if folder.exists():
+            shutil.rmtree(folder)
+        module.save_pretrained(folder, state_dict=state)
+        processor.save_pretrained(folder)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not key or not _:
+            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}.")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a YAML file under configs/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    try:
+        return train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
