@@ -69,6 +69,7 @@ def mma_window_ids(
     image_token_id: int,
     assistant_marker_ids: Sequence[int],
     attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Signed window ids (b, s) of the MMA rule; see the module docstring.
 
@@ -78,12 +79,22 @@ def mma_window_ids(
         assistant_marker_ids: the token ids of the assistant header; its first token closes a turn
             and is the last key of the window (inclusive, as the official checkpoint was trained).
         attention_mask: optional (b, s) padding mask; padded tokens never join a window.
+        document_ids: optional (b, s) ids of packed samples; a sample's end also ends its turn,
+            so an image is never closed by the next sample's assistant header.
     """
     is_image = input_ids == image_token_id
     is_marker = find_marker_starts(input_ids, assistant_marker_ids).long()
-    # A token's turn is the number of assistant markers before it; a marker closes its own turn.
+    # A token's turn counts the assistant markers before it (a marker closes its own turn) and the
+    # packed samples that started at or before it.
     turn = is_marker.cumsum(-1) - is_marker
-    closed = turn < is_marker.sum(-1, keepdim=True)
+    if document_ids is not None:
+        starts = F.pad(document_ids[..., 1:] != document_ids[..., :-1], (1, 0), value=False).long()
+        turn = turn + starts.cumsum(-1)
+    # A turn is closed when it holds a marker.
+    closed_turns = torch.zeros(turn.shape[0], int(turn.max()) + 2, dtype=torch.bool, device=turn.device)
+    closed_turns.scatter_(1, torch.where(is_marker.bool(), turn, turn.new_full((), closed_turns.shape[1] - 1)), True)
+    closed_turns[:, -1] = False
+    closed = closed_turns.gather(1, turn)
     # The turn of the latest image at or before each position: equals `turn` once the turn has shown an image.
     latest_image_turn = torch.where(is_image, turn, torch.full_like(turn, -1)).cummax(-1).values
     after_image = latest_image_turn == turn

@@ -14,7 +14,12 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+    packed_sequence_mask_function,
+)
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     MultimodalBaseModelOutputWithPast,
@@ -154,11 +159,13 @@ def create_mma_mask(
     attention_mask: torch.Tensor | None,
     cache: Cache | None,
     window_ids: torch.Tensor,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | BlockMask | dict:
     """The language model's mask with the MMA rectangle opened, in its backend's format.
 
     `window_ids` (b, past + s) are indexed by absolute position. They are padded with zeros up to
     the last key index the mask builder asks about (the whole buffer of a static cache).
+    `document_ids` (b, s) keep the packed samples of a row apart.
     """
     query_length = inputs_embeds.shape[1]
     kv_length, kv_offset = cache.get_mask_sizes(query_length, 0) if cache is not None else (query_length, 0)
@@ -174,6 +181,7 @@ def create_mma_mask(
         "cache": cache,
         "position_ids": None,
         "or_mask_function": mma_mask_function(window_ids),
+        "and_mask_function": packed_sequence_mask_function(document_ids) if document_ids is not None else None,
     }
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types is not None:
@@ -263,9 +271,17 @@ class AkiModel(AkiPreTrainedModel):
             )
         return is_image.unsqueeze(-1)
 
-    def window_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def window_ids(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The MMA window ids (b, s) of `input_ids`; see `aki.masking`."""
-        return mma_window_ids(input_ids, self.config.image_token_id, self.config.assistant_marker_ids, attention_mask)
+        config = self.config
+        return mma_window_ids(
+            input_ids, config.image_token_id, config.assistant_marker_ids, attention_mask, document_ids
+        )
 
     def absolute_window_ids(
         self,
@@ -274,6 +290,7 @@ class AkiModel(AkiPreTrainedModel):
         attention_mask: torch.Tensor | None,
         past_length: int,
         query_length: int,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Window ids indexed by absolute position, (b, past + s), checked for a split prompt.
 
@@ -289,7 +306,7 @@ class AkiModel(AkiPreTrainedModel):
                     "pass input_ids, or load the model with attention_policy='causal'."
                 )
             chunk_mask = attention_mask[:, -query_length:] if attention_mask is not None else None
-            return F.pad(self.window_ids(input_ids, chunk_mask), (past_length, 0))
+            return F.pad(self.window_ids(input_ids, chunk_mask, document_ids), (past_length, 0))
         if mma_window_ids.shape[-1] < end:
             if mma_window_ids.shape[-1] != query_length:
                 raise ValueError(
@@ -351,7 +368,13 @@ class AkiModel(AkiPreTrainedModel):
         if self.config.attention_policy == "mma" and not is_prepared_mask(attention_mask):
             past_length = cache.get_seq_length() if cache is not None else 0
             query_length = inputs_embeds.shape[1]
-            window_ids = self.absolute_window_ids(input_ids, mma_window_ids, attention_mask, past_length, query_length)
+            # Packed samples (position ids restarting inside a row), as transformers detects them.
+            document_ids = None
+            if position_ids is not None and attention_mask is None and past_length == 0:
+                document_ids = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
+            window_ids = self.absolute_window_ids(
+                input_ids, mma_window_ids, attention_mask, past_length, query_length, document_ids
+            )
             # Only a chunk holding an image with an open window needs more than the causal mask:
             # decode steps keep the backend's fast causal path.
             if (window_ids[:, past_length:] > 0).any():
@@ -361,7 +384,7 @@ class AkiModel(AkiPreTrainedModel):
                         "use 'sdpa', 'eager' or 'flex_attention' for the text model, or attention_policy='causal'."
                     )
                 attention_mask = create_mma_mask(
-                    self.config.text_config, inputs_embeds, attention_mask, cache, window_ids
+                    self.config.text_config, inputs_embeds, attention_mask, cache, window_ids, document_ids
                 )
 
         outputs = self.language_model(

@@ -263,3 +263,28 @@ def test_backbones_apply_the_dense_reference_mask(backbone, implementation, imag
         reference = model(**{**batch, "attention_mask": dense}).logits
     valid = batch["attention_mask"].bool()
     assert torch.allclose(built[valid], reference[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_packed_samples_equal_each_sample_alone(tiny, images, implementation):
+    """Two samples in one row (position ids restart) keep their own causal and MMA masks."""
+    model, processor = tiny
+    caption = processor(images=images[:1], text="<image>An astronaut.<|endofchunk|>", return_tensors="pt")
+    chat_inputs = encode(processor, chat(QUESTION, "A red square."), images[1:])
+    # The caption's image has no assistant header: the chat's header must not open a window for it.
+    parts = [caption, chat_inputs]
+    packed = {
+        "input_ids": torch.cat([p["input_ids"] for p in parts], dim=1),
+        "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
+        "position_ids": torch.cat([torch.arange(p["input_ids"].shape[1]) for p in parts])[None],
+    }
+    windows = model.model.window_ids(packed["input_ids"], document_ids=torch.cat(
+        [torch.full((p["input_ids"].shape[1],), i) for i, p in enumerate(parts)])[None])  # fmt: skip
+    assert windows[0, : caption["input_ids"].shape[1]].abs().sum() == 0
+    together = logits(model, packed, implementation=implementation)[0]
+    start = 0
+    for part in parts:
+        length = part["input_ids"].shape[1]
+        alone = logits(model, part, implementation=implementation)[0]
+        assert torch.allclose(together[start : start + length], alone, atol=1e-5)
+        start += length

@@ -154,3 +154,24 @@ def test_lora_with_gradient_checkpointing_exports_a_merged_model(tmp_path):
     assert torch.equal(
         state["model.vision_tower.post_layernorm.weight"], base_state["model.vision_tower.post_layernorm.weight"]
     )
+
+
+def test_packed_batches_give_the_same_losses_as_padded_ones(tmp_path):
+    common = {"model.pretrained": None, "model.preset": "tiny", "max_steps": 3, "save_every": 0, "max_length": 400}
+    _, padded = run("tiny_sft.yaml", tmp_path, "padded", **common)
+    _, packed = run("tiny_sft.yaml", tmp_path, "packed", packing=True, **common)
+    expected, actual = losses(padded), losses(packed)
+    for step in expected:
+        assert actual[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_deepspeed_checkpoint_resumes_exactly(tmp_path):
+    pytest.importorskip("deepspeed")
+    zero2 = f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"
+    finish(launch([sys.executable], tmp_path, "ds", "max_steps=6", "save_every=3", "stop_after=3", zero2))
+    output = finish(launch([sys.executable], tmp_path, "ds", "max_steps=6", "save_every=3", zero2))
+    assert "resumed from" in output
+    _, single = run("tiny_pretrain.yaml", tmp_path, "single", max_steps=6, save_every=0)
+    resumed, expected = losses(tmp_path / "ds"), losses(single)
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step

@@ -61,6 +61,7 @@ class TrainConfig:
     micro_batch_size: int = 4  # per process
     gradient_accumulation_steps: int = 1
     max_length: int = 512  # tokens, image tokens included
+    packing: bool = False  # several samples per row, each with its own masks
     num_workers: int = 0
     seed: int = 42
     bf16: bool = False

@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import DataSource
-from .encode import SampleError, collate, encode_caption, encode_conversation
+from .encode import SampleError, collate, encode_caption, encode_conversation, pack
 
 BLOCK = 4096  # positions whose sources are drawn from one seeded generator
 
@@ -297,11 +297,13 @@ class TrainStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         start_micro_step: int = 0,
+        pack_to: int | None = None,
     ):
         self.sources, self.encode = sources, encode
         self.plan = MixturePlan(weights, [len(source) for source in sources], seed)
         self.micro_batch_size, self.pad_token_id = micro_batch_size, pad_token_id
         self.rank, self.world_size, self.start = rank, world_size, start_micro_step
+        self.pack_to = pack_to
 
     def build(self, micro_step: int) -> dict:
         encoded, skipped, notes = [], Counter(), Counter()
@@ -314,7 +316,12 @@ class TrainStream(IterableDataset):
                 continue
             encoded.append(sample)
             notes.update(sample.notes)
-        batch = collate(encoded, self.pad_token_id) if encoded else None
+        if not encoded:
+            batch = None
+        elif self.pack_to:
+            batch = pack(encoded, self.pack_to, self.pad_token_id)
+        else:
+            batch = collate(encoded, self.pad_token_id)
         return {"micro_step": micro_step, "batch": batch, "skipped": skipped, "notes": notes}
 
     def __iter__(self):
@@ -347,7 +354,11 @@ def sample_encoder(stage: str, processor, max_length: int, seed: int) -> Callabl
 
 
 def tokens_in(batch: dict | None) -> int:
-    return 0 if batch is None else int(batch["attention_mask"].sum())
+    if batch is None:
+        return 0
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
 
 
 def supervised_tokens(batch: dict | None) -> int:

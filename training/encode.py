@@ -175,3 +175,41 @@ def collate(samples: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     batch["pixel_values"] = torch.cat(pixel_values) if pixel_values else None
     return batch
+
+
+def pack(samples: list[Encoded], max_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pack samples into rows of at most `max_length` tokens (first fit, in order).
+
+    Position ids restart at each sample, which is how the model (and transformers' masks) tell
+    packed samples apart: no sample attends to another, and each keeps its own MMA windows. The
+    first token of a sample is BOS with no label, so no loss crosses a boundary.
+    """
+    rows: list[list[Encoded]] = []
+    for sample in samples:
+        row = next((r for r in rows if sum(len(s.input_ids) for s in r) + len(sample.input_ids) <= max_length), None)
+        if row is None:
+            rows.append([sample])
+        else:
+            row.append(sample)
+    length = max(sum(len(s.input_ids) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    pixel_values = []
+    for index, row in enumerate(rows):
+        start = 0
+        for sample in row:
+            end = start + len(sample.input_ids)
+            input_ids[index, start:end] = torch.tensor(sample.input_ids)
+            labels[index, start:end] = torch.tensor(sample.labels)
+            position_ids[index, start:end] = torch.arange(end - start)
+            if sample.pixel_values is not None:
+                pixel_values.append(sample.pixel_values)
+            start = end
+        position_ids[index, start:] = torch.arange(length - start)  # the tail padding is one more "sample"
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "pixel_values": torch.cat(pixel_values) if pixel_values else None,
+    }

@@ -351,6 +351,7 @@ def train(cfg: TrainConfig) -> dict:
         rank,
         world_size,
         start_micro_step=step * cfg.gradient_accumulation_steps,
+        pack_to=cfg.max_length if cfg.packing else None,
     )
     loader = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
 
