@@ -22,8 +22,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check aki training tests
-	$(VENV)/bin/ruff format --check aki training tests
+	$(VENV)/bin/ruff check aki training eval tests
+	$(VENV)/bin/ruff format --check aki training eval tests
 
 clean:
 	rm -rf $(VENV) .cache outputs

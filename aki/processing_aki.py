@@ -14,7 +14,8 @@ AKI_SYSTEM_PROMPT = (
 )
 
 # Shared pieces of the chat templates: the system prompt (AKI's by default) and a message's
-# content, where each image becomes `<image>` and a newline.
+# content, where each image becomes `<image>` and a newline (`image_separator=""` renders
+# `<image>{text}`, the prompt VLMEvalKit gave AKI).
 _SYSTEM = (
     "{%- if messages[0]['role'] == 'system' -%}"
     "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
@@ -25,7 +26,7 @@ _SYSTEM = (
 _CONTENT = (
     "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
     "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>' + (image_separator if image_separator is defined else '\n') }}"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
 )

@@ -1,0 +1,75 @@
+"""What every benchmark module provides: where its files are, its records, its prompt, its score."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import BenchmarkDataError, Record, read_hf, read_tsv
+
+NEEDS_JUDGE = "needs judge"
+
+
+@dataclass
+class Score:
+    """`columns` fills the paper's table (a number, or a reason such as NEEDS_JUDGE); `metrics`
+    holds everything else (per category, per split). `judge` names the LLM behind judged numbers."""
+
+    columns: dict[str, float | str]
+    metrics: dict = field(default_factory=dict)
+    judge: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Benchmark:
+    """A benchmark: files, records, prompts, scoring. Subclasses set the class attributes."""
+
+    name: str = ""
+    columns: tuple[str, ...] = ()
+    tsv_names: tuple[str, ...] = ()  # VLMEvalKit TSV file names under --data-root
+    hf_dirs: tuple[str, ...] = ()  # Hugging Face dataset folders under --data-root
+    hf_split: str | None = None
+    max_new_tokens: int = 512  # VLMEvalKit's AKI wrapper
+    image_separator: str = ""  # VLMEvalKit gave AKI `<image>{text}`, with no newline
+    prompt_prefix: str = ""  # text before the chat template (after the tokenizer's BOS)
+
+    def locate(self, data_root: Path) -> tuple[str, Path]:
+        for name in self.tsv_names:
+            if (data_root / name).is_file():
+                return "tsv", data_root / name
+        for name in self.hf_dirs:
+            if (data_root / name).is_dir():
+                return "hf", data_root / name
+        tried = [str(data_root / name) for name in (*self.tsv_names, *self.hf_dirs)]
+        raise BenchmarkDataError(f"No data for {self.name}: looked for {', '.join(tried)}.")
+
+    def load(self, data_root: Path) -> list[Record]:
+        kind, path = self.locate(Path(data_root))
+        try:
+            if kind == "tsv":
+                return [record for row in read_tsv(path) for record in self.from_tsv(row)]
+            rows = read_hf(path, self.hf_split)
+            return [
+                record for position, row in enumerate(rows) for record in self.from_hf({"_position": position, **row})
+            ]
+        except KeyError as error:
+            raise BenchmarkDataError(f"{path} lacks the column {error} that {self.name} needs.") from error
+
+    def from_tsv(self, row: dict) -> list[Record]:
+        raise NotImplementedError
+
+    def from_hf(self, row: dict) -> list[Record]:
+        raise NotImplementedError
+
+    def message(self, record: Record) -> list[dict]:
+        """The prompt as VLMEvalKit builds it: image items, then text items."""
+        return [
+            *({"type": "image", "value": image} for image in record.images),
+            {"type": "text", "value": record.question},
+        ]
+
+    def score(self, records: list[Record], predictions: dict[str, str], judge=None) -> Score:
+        raise NotImplementedError
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
