@@ -150,12 +150,18 @@ def dense_attention_mask(
     check_policy(policy)
     b, s = window_ids.shape
     positions = torch.arange(s, device=window_ids.device)
-    allowed = (positions[None, :] <= positions[:, None]).expand(b, s, s)
+    causal = positions[None, :] <= positions[:, None]
+    if attention_mask is None:
+        allowed = causal.expand(b, s, s).clone()
+    else:
+        allowed = causal[None] & attention_mask.bool()[:, None, :]
     if policy == "mma":
-        query_window = window_ids[:, :, None]
-        allowed = allowed | ((query_window > 0) & (window_ids[:, None, :] == -query_window))
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, :]
+        # Only image rows change: open each one's question columns, (rows, s) instead of (b, s, s).
+        batch_index, query_index = (window_ids > 0).nonzero(as_tuple=True)
+        rows = window_ids[batch_index] == -window_ids[batch_index, query_index][:, None]
+        if attention_mask is not None:
+            rows &= attention_mask.bool()[batch_index]
+        allowed[batch_index, query_index] |= rows
     return allowed
 
 

@@ -301,14 +301,18 @@ def build_tiny_tokenizer(chat_template: str | None = None) -> PreTrainedTokenize
 
 
 def config_from_preset(name: str, tokenizer=None, **overrides) -> AkiConfig:
-    """The `AkiConfig` of a preset; `overrides` replace top-level fields (e.g. attention_policy)."""
+    """The `AkiConfig` of a preset. `overrides` replace fields (e.g. attention_policy); a dict
+    given for `vision_config` or `text_config` updates the preset's rather than replacing it."""
     preset = _check_preset(name)
     preset.pop("chat_template")
     header = preset.pop("assistant_header", None)
     if header is not None:
         tokenizer = tokenizer or build_tiny_tokenizer()
         preset["assistant_marker_ids"] = tokenizer.encode(header, add_special_tokens=False)
-    preset.update(overrides)
+    for key, value in overrides.items():
+        if key in ("vision_config", "text_config") and isinstance(value, dict):
+            value = {**preset[key], **value}
+        preset[key] = value
     return AkiConfig(**preset)
 
 

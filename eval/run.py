@@ -194,8 +194,11 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a native AKI folder")
-    parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help=f"comma-separated: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--data-root", type=Path, required=True, help="folder with the TSVs / dataset folders")
+    paper = ",".join(name for name in BENCHMARKS if name != "shapes")
+    parser.add_argument("--benchmarks", default=paper, help=f"comma-separated: {', '.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--data-root", type=Path, default=Path("data/benchmarks"), help="folder with the TSVs / dataset folders"
+    )
     parser.add_argument("--output", type=Path, default=Path("outputs/eval"))
     parser.add_argument("--limit", type=int, help="first N questions of each benchmark")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -195,3 +195,18 @@ def test_render_mask(tmp_path):
     assert picture.getpixel((strip + 4 * 4 + 1, strip + 2 * 4 + 1)) == OPENED_COLOUR
     # Query 4 (text) never sees key 5.
     assert picture.getpixel((strip + 5 * 4 + 1, strip + 4 * 4 + 1)) == (255, 255, 255)
+
+
+def test_the_benchmarks_official_baseline_is_the_same_mask():
+    """benchmarks/common.py re-states the official per-sample mask; with one image per row it equals ours."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from common import layout, official_mask, our_mask
+
+    ids, valid = layout(3, 300)
+    official = official_mask(ids, valid) == 0
+    ours = our_mask(ids, valid)
+    rows = valid.bool()
+    assert torch.equal(official[:, 0][rows], ours[rows])

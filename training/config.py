@@ -16,6 +16,7 @@ class ModelConfig:
     """Where the model comes from: a preset (random init), a native checkpoint, or two pretrained parts."""
 
     preset: str | None = "tiny"
+    overrides: dict = field(default_factory=dict)  # AkiConfig fields for a preset, e.g. perceiver_num_latents
     pretrained: str | None = None  # a native AKI folder (e.g. the pre-training export)
     vision_model: str | None = None  # a SigLIP folder, with `language_model`, for a fresh AKI
     language_model: str | None = None
@@ -34,6 +35,7 @@ class DataSource:
     path: str = ""
     weight: float = 1.0
     size: int = 256  # synthetic only: how many items
+    options: dict = field(default_factory=dict)  # synthetic only: ShapesSource settings (grid, most, kinds, ...)
     task: str | None = None  # for kind == "task": vqa, gqa, vsr, ocrvqa, aokvqa, scienceqa, refcoco, vg, llava
     image_root: str | None = None
     image_column: str = "image"

@@ -230,7 +230,7 @@ def build_source(source: DataSource, stage: str, seed: int):
     if source.kind == "synthetic":
         from .synthetic import ShapesSource
 
-        return ShapesSource(source.size, seed, stage=stage)
+        return ShapesSource(source.size, seed, stage=stage, **source.options)
     if source.kind == "webdataset":
         return WebDatasetSource(source.path)
     if source.kind == "hf_dataset":

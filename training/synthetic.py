@@ -15,17 +15,22 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
-CELLS = ("top left", "top right", "bottom left", "bottom right")
+CELL_NAMES = {
+    2: ("top left", "top right", "bottom left", "bottom right"),
+    3: ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"),
+}
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+QUESTION_KINDS = ("colour_at", "count_colour", "count_shape")
 
 
-def draw_scene(objects: list[tuple[str, str, int]], size: int) -> Image.Image:
-    """objects: (colour, shape, cell) with cells 0..3 of a 2x2 grid."""
+def draw_scene(objects: list[tuple[str, str, int]], size: int, grid: int = 2) -> Image.Image:
+    """objects: (colour, shape, cell) with cells 0..grid*grid-1, row by row."""
     image = Image.new("RGB", (size, size), (245, 245, 245))
     draw = ImageDraw.Draw(image)
-    half = size // 2
+    step = size // grid
     for colour, shape, cell in objects:
-        x0, y0 = (cell % 2) * half + half // 6, (cell // 2) * half + half // 6
-        x1, y1 = x0 + half * 2 // 3, y0 + half * 2 // 3
+        x0, y0 = (cell % grid) * step + step // 6, (cell // grid) * step + step // 6
+        x1, y1 = x0 + step * 2 // 3, y0 + step * 2 // 3
         fill = COLOURS[colour]
         if shape == "circle":
             draw.ellipse([x0, y0, x1, y1], fill=fill)
@@ -36,35 +41,65 @@ def draw_scene(objects: list[tuple[str, str, int]], size: int) -> Image.Image:
     return image
 
 
-def scene(seed: int, index: int) -> list[tuple[str, str, int]]:
+def scene(seed: int, index: int, grid: int = 2, most: int = 3) -> list[tuple[str, str, int]]:
     rng = np.random.default_rng([seed, index])
-    count = int(rng.integers(1, 4))
-    cells = rng.choice(len(CELLS), size=count, replace=False)
+    count = int(rng.integers(1, most + 1))
+    cells = rng.choice(grid * grid, size=count, replace=False)
     return [(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), int(cell)) for cell in cells]
 
 
-def caption_of(objects) -> str:
-    parts = [f"a {colour} {shape} in the {CELLS[cell]}" for colour, shape, cell in sorted(objects, key=lambda o: o[2])]
+def caption_of(objects, grid: int = 2) -> str:
+    names = CELL_NAMES[grid]
+    parts = [f"a {colour} {shape} in the {names[cell]}" for colour, shape, cell in sorted(objects, key=lambda o: o[2])]
     return " and ".join(parts).capitalize() + "."
 
 
-class ShapesSource:
-    """`size` items; `stage` "pretrain" gives image-caption pairs, "sft" gives VQA task items."""
+def question_about(objects, index: int, seed: int, grid: int, kinds: tuple[str, ...]) -> tuple[str, str]:
+    """A (question, answer) pair about the scene, deterministic per (seed, index)."""
+    rng = np.random.default_rng([seed, index, 7])
+    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind == "colour_at":
+        colour, _, cell = objects[index % len(objects)]
+        return f"What colour is the shape in the {CELL_NAMES[grid][cell]}?", colour
+    if kind == "count_colour":
+        colour = str(rng.choice(list(COLOURS)))
+        return f"How many {colour} shapes are there?", NUMBERS[sum(o[0] == colour for o in objects)]
+    if kind == "count_shape":
+        shape = str(rng.choice(SHAPES))
+        return f"How many {shape}s are there?", NUMBERS[sum(o[1] == shape for o in objects)]
+    raise ValueError(f"Unknown question kind {kind!r}; choose from {QUESTION_KINDS}.")
 
-    def __init__(self, size: int = 256, seed: int = 0, image_size: int = 32, stage: str = "pretrain"):
+
+class ShapesSource:
+    """`size` scenes; `stage` "pretrain" gives image-caption pairs, "sft" gives VQA task items.
+
+    `grid` is 2 (2x2 cells) or 3 (3x3), `most` the largest number of shapes in a scene, and
+    `kinds` the question kinds of the SFT items (see `QUESTION_KINDS`).
+    """
+
+    def __init__(
+        self,
+        size: int = 256,
+        seed: int = 0,
+        image_size: int = 32,
+        stage: str = "pretrain",
+        grid: int = 2,
+        most: int = 3,
+        kinds: tuple[str, ...] = ("colour_at",),
+    ):
         self.size, self.seed, self.image_size, self.stage = size, seed, image_size, stage
+        self.grid, self.most, self.kinds = grid, most, tuple(kinds)
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict:
-        objects = scene(self.seed, index)
-        image = draw_scene(objects, self.image_size)
+        objects = scene(self.seed, index, self.grid, self.most)
+        image = draw_scene(objects, self.image_size, self.grid)
         if self.stage == "pretrain":
-            return {"image": image, "text": caption_of(objects)}
-        colour, shape, cell = objects[index % len(objects)]
-        record = {"image": image, "question": f"What colour is the shape in the {CELLS[cell]}?", "answer": colour}
-        return {"task": "vqa", "record": record, "image_root": None}
+            return {"image": image, "text": caption_of(objects, self.grid)}
+        question, answer = question_about(objects, index, self.seed, self.grid, self.kinds)
+        return {"task": "vqa", "record": {"image": image, "question": question, "answer": answer}, "image_root": None}
 
 
 def write_webdataset(folder: Path, shards: int, per_shard: int, seed: int = 0, image_size: int = 32) -> str:
@@ -93,12 +128,13 @@ def write_llava_json(folder: Path, size: int, seed: int = 0, image_size: int = 3
         name = f"{index:06d}.png"
         draw_scene(objects, image_size).save(folder / name)
         colour, shape, cell = objects[0]
+        cells = CELL_NAMES[2]
         records.append(
             {
                 "id": str(index),
                 "image": name,
                 "conversations": [
-                    {"from": "human", "value": f"<image>\nWhat shape is in the {CELLS[cell]}?"},
+                    {"from": "human", "value": f"<image>\nWhat shape is in the {cells[cell]}?"},
                     {"from": "gpt", "value": f"A {shape}."},
                     {"from": "human", "value": "What colour is it?"},
                     {"from": "gpt", "value": f"It is {colour}."},

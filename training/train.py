@@ -109,7 +109,8 @@ def build_model(cfg: TrainConfig):
         )
     elif cfg.model.preset:
         torch.manual_seed(cfg.seed)
-        model, processor = aki.presets.build_tiny(cfg.model.preset, seed=cfg.seed, attention_policy=policy)
+        overrides = {**cfg.model.overrides, "attention_policy": policy}
+        model, processor = aki.presets.build_tiny(cfg.model.preset, seed=cfg.seed, **overrides)
     else:
         raise ValueError("model needs `pretrained`, `vision_model` + `language_model`, or `preset`.")
     return model, processor

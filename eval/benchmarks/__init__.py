@@ -11,11 +11,13 @@ from .mmvet import MMVet
 from .pope import POPE
 from .realworldqa import RealWorldQA
 from .seedbench import SEEDBench
+from .shapes import Shapes
 
 BENCHMARKS: dict[str, Benchmark] = {
     benchmark.name: benchmark
     for benchmark in (
-        MME(), MMBench(), SEEDBench(), LLaVABench(), MMMU(), MathVista(), POPE(), MMVet(), RealWorldQA(), CVBench()
+        MME(), MMBench(), SEEDBench(), LLaVABench(), MMMU(), MathVista(), POPE(), MMVet(), RealWorldQA(), CVBench(),
+        Shapes(),
     )
 }  # fmt: skip
 

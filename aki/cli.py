@@ -1,0 +1,120 @@
+"""The `aki` command: chat with a model, or draw its image-to-question attention.
+
+aki chat --model DIR --image PATH "What is in the image?"     # one answer, streamed
+aki chat --model DIR [--image PATH]                           # interactive; /image PATH, /reset, /quit
+aki attention --model DIR --image PATH "question" --out map.png
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from transformers import TextStreamer
+
+
+def load(model_dir: str):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import aki  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+class StreamTo(TextStreamer):
+    """transformers' streamer, writing to a chosen stream instead of stdout."""
+
+    def __init__(self, output, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.output = output
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        print(text, end="\n" if stream_end else "", file=self.output, flush=True)
+
+
+class Chat:
+    """A conversation: each turn re-encodes the whole chat, so every image sees the question of its turn."""
+
+    def __init__(self, model, processor, max_new_tokens: int = 256, output=sys.stdout):
+        self.model, self.processor, self.max_new_tokens, self.output = model, processor, max_new_tokens, output
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages, self.images, self.pending_image = [], [], None
+
+    def add_image(self, path: str) -> None:
+        from .processing_aki import load_image
+
+        self.pending_image = load_image(path)
+
+    def ask(self, question: str) -> str:
+        """Stream the answer to `output` token by token; returns it."""
+        content = [{"type": "text", "text": question}]
+        if self.pending_image is not None:
+            content.insert(0, {"type": "image"})
+            self.images.append(self.pending_image)
+            self.pending_image = None
+        self.messages.append({"role": "user", "content": content})
+        prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(images=self.images or None, text=prompt, return_tensors="pt").to(self.model.device)
+        streamer = StreamTo(self.output, self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, streamer=streamer)
+        answer = self.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def interactive(chat: Chat, read=input) -> None:
+    print("Type a question; /image PATH adds an image to the next question, /reset starts over, /quit ends.")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            chat.reset()
+        elif line.startswith("/image "):
+            try:
+                chat.add_image(line.removeprefix("/image ").strip())
+            except ValueError as error:
+                print(error)
+        elif line:
+            print("aki> ", end="", flush=True)
+            chat.ask(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="aki", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    chat_parser = commands.add_parser("chat", help="answer a question about an image (streamed)")
+    attention_parser = commands.add_parser("attention", help="save per-layer image-to-question attention maps")
+    for sub in (chat_parser, attention_parser):
+        sub.add_argument("--model", required=True, help="a native AKI folder")
+        sub.add_argument("--image", help="an image file")
+        sub.add_argument("question", nargs="?", help="the question (chat: omit it for an interactive session)")
+    chat_parser.add_argument("--max-new-tokens", type=int, default=256)
+    attention_parser.add_argument("--out", type=Path, default=Path("attention_map.png"))
+    args = parser.parse_args(argv)
+
+    model, processor = load(args.model)
+    if args.command == "attention":
+        if not args.image or not args.question:
+            parser.error("attention needs --image and a question")
+        from .attention_maps import save_attention_maps
+        from .processing_aki import load_image
+
+        print(save_attention_maps(model, processor, load_image(args.image), args.question, args.out))
+        return
+    chat = Chat(model, processor, args.max_new_tokens)
+    if args.image:
+        chat.add_image(args.image)
+    if args.question:
+        chat.ask(args.question)
+    else:
+        interactive(chat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The demo: its synthetic data, a short end-to-end run, `aki chat` and the attention maps."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from training.synthetic import CELL_NAMES, COLOURS, NUMBERS, ShapesSource, draw_scene, question_about, scene
+
+
+def colour_at(image, cell: int, grid: int):
+    """Read a cell's colour back from the rendered picture (its centre pixel)."""
+    step = image.size[0] // grid
+    x, y = (cell % grid) * step + step // 2, (cell // grid) * step + step // 2
+    pixel = image.getpixel((x, y))
+    return next((name for name, rgb in COLOURS.items() if rgb == pixel), None)
+
+
+@pytest.mark.parametrize("grid", [2, 3])
+def test_scenes_are_deterministic_and_answers_match_the_picture(grid):
+    kinds = ("colour_at", "count_colour", "count_shape")
+    first = ShapesSource(50, 3, stage="sft", grid=grid, most=3, image_size=48, kinds=kinds)
+    second = ShapesSource(50, 3, stage="sft", grid=grid, most=3, image_size=48, kinds=kinds)
+    for index in range(50):
+        a, b = first[index]["record"], second[index]["record"]
+        assert a["question"] == b["question"] and a["answer"] == b["answer"]
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        objects = scene(3, index, grid, 3)
+        seen = {cell: colour_at(a["image"], cell, grid) for cell in range(grid * grid)}
+        assert {cell: colour for colour, _, cell in objects} == {c: v for c, v in seen.items() if v}
+        question, answer = question_about(objects, index, 3, grid, kinds)
+        if question.startswith("What colour"):
+            cell = CELL_NAMES[grid].index(question.removeprefix("What colour is the shape in the ").rstrip("?"))
+            assert answer == seen[cell]
+        elif question.startswith("How many") and question.split()[2] in COLOURS:
+            assert answer == NUMBERS[sum(v == question.split()[2] for v in seen.values())]
+    other_seed = ShapesSource(50, 4, stage="sft", grid=grid, most=3, image_size=48, kinds=kinds)
+    assert any(other_seed[i]["record"]["question"] != first[i]["record"]["question"] for i in range(50))
+
+
+def test_draw_scene_places_shapes_in_their_cells():
+    image = draw_scene([("red", "square", 4)], 48, grid=3)
+    assert colour_at(image, 4, 3) == "red" and colour_at(image, 0, 3) is None
+
+
+def test_quick_demo_produces_the_table_and_the_pictures(tmp_path):
+    from aki.demo import main
+
+    results = main(["--quick", "--out", str(tmp_path)])
+    assert set(results["summary"]) == {"causal", "mma"}
+    for policy in ("causal", "mma"):
+        assert 0.0 <= results["summary"][policy]["mean"] <= 100.0
+    for name in ("accuracy.png", "mask_mma.png", "mask_causal.png", "attention_map.png", "results.md", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "| mma |" in (tmp_path / "results.md").read_text()
+    predictions = (tmp_path / "seed0" / "sft_mma" / "eval" / "shapes" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 24 and json.loads(predictions[0])["index"] == "0"
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory, tiny):
+    model, processor = tiny
+    folder = tmp_path_factory.mktemp("chat_model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_aki_chat_streams_the_answer(saved_tiny, images, tmp_path, capsys):
+    from aki.cli import Chat, interactive, load, main
+
+    path = tmp_path / "photo.png"
+    images[0].save(path)
+    main(["chat", "--model", str(saved_tiny), "--image", str(path), "--max-new-tokens", "6", "What is in the image?"])
+    streamed = capsys.readouterr().out
+    model, processor = load(str(saved_tiny))
+    output = io.StringIO()
+    chat = Chat(model, processor, max_new_tokens=6, output=output)
+    chat.add_image(str(path))
+    answer = chat.ask("What is in the image?")
+    assert streamed.strip() == answer.strip() == output.getvalue().strip()
+    # Interactive: an image, two turns (the second re-encodes the first), then quit.
+    lines = iter([f"/image {path}", "What colour?", "And the shape?", "/quit"])
+    chat = Chat(model, processor, max_new_tokens=4, output=io.StringIO())
+    interactive(chat, read=lambda prompt: next(lines))
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert len(chat.images) == 1
+
+
+def test_attention_maps(saved_tiny, images, tmp_path):
+    from aki.attention_maps import image_to_question_attention
+    from aki.cli import load, main
+
+    model, processor = load(str(saved_tiny))
+    maps, labels = image_to_question_attention(model, processor, images[0], "What colour is it?")
+    assert maps.shape[0] == model.config.text_config.num_hidden_layers
+    assert maps.shape[1] == model.config.num_image_tokens and maps.shape[2] == len(labels)
+    assert (maps > 0).all()  # under MMA every image token attends to its question
+    path = tmp_path / "photo.png"
+    images[0].save(path)
+    main(
+        [
+            "attention",
+            "--model",
+            str(saved_tiny),
+            "--image",
+            str(path),
+            "What colour?",
+            "--out",
+            str(tmp_path / "map.png"),
+        ]
+    )
+    assert (tmp_path / "map.png").stat().st_size > 0
