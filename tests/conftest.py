@@ -23,6 +23,16 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny):
+    """The tiny model and processor saved as a native folder."""
+    model, processor = tiny
+    folder = tmp_path_factory.mktemp("tiny_checkpoint")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def images():
     """Two real photos from scikit-image."""
     from PIL import Image

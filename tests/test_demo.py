@@ -58,23 +58,25 @@ def test_quick_demo_produces_the_table_and_the_pictures(tmp_path):
     assert len(predictions) == 24 and json.loads(predictions[0])["index"] == "0"
 
 
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory, tiny):
-    model, processor = tiny
-    folder = tmp_path_factory.mktemp("chat_model")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-def test_aki_chat_streams_the_answer(saved_tiny, images, tmp_path, capsys):
+def test_aki_chat_streams_the_answer(tiny_checkpoint, images, tmp_path, capsys):
     from aki.cli import Chat, interactive, load, main
 
     path = tmp_path / "photo.png"
     images[0].save(path)
-    main(["chat", "--model", str(saved_tiny), "--image", str(path), "--max-new-tokens", "6", "What is in the image?"])
+    main(
+        [
+            "chat",
+            "--model",
+            str(tiny_checkpoint),
+            "--image",
+            str(path),
+            "--max-new-tokens",
+            "6",
+            "What is in the image?",
+        ]
+    )
     streamed = capsys.readouterr().out
-    model, processor = load(str(saved_tiny))
+    model, processor = load(str(tiny_checkpoint))
     output = io.StringIO()
     chat = Chat(model, processor, max_new_tokens=6, output=output)
     chat.add_image(str(path))
@@ -88,11 +90,11 @@ def test_aki_chat_streams_the_answer(saved_tiny, images, tmp_path, capsys):
     assert len(chat.images) == 1
 
 
-def test_attention_maps(saved_tiny, images, tmp_path):
+def test_attention_maps(tiny_checkpoint, images, tmp_path):
     from aki.attention_maps import image_to_question_attention
     from aki.cli import load, main
 
-    model, processor = load(str(saved_tiny))
+    model, processor = load(str(tiny_checkpoint))
     maps, labels = image_to_question_attention(model, processor, images[0], "What colour is it?")
     assert maps.shape[0] == model.config.text_config.num_hidden_layers
     assert maps.shape[1] == model.config.num_image_tokens and maps.shape[2] == len(labels)
@@ -103,7 +105,7 @@ def test_attention_maps(saved_tiny, images, tmp_path):
         [
             "attention",
             "--model",
-            str(saved_tiny),
+            str(tiny_checkpoint),
             "--image",
             str(path),
             "What colour?",

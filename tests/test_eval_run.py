@@ -17,15 +17,6 @@ from eval.run import Predictor, evaluate, main, read_predictions
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny):
-    model, processor = tiny
-    folder = tmp_path_factory.mktemp("tiny_checkpoint")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("benchmarks")
     write_tsv(root / "MME.tsv", mme_rows()[0])
@@ -57,8 +48,8 @@ def data_root(tmp_path_factory):
     return root
 
 
-def test_evaluate_end_to_end_writes_predictions_results_and_the_table(checkpoint, data_root, tmp_path):
-    scores = evaluate(str(checkpoint), ["mme", "pope", "mmbench", "llavabench"], data_root, tmp_path, batch_size=3)
+def test_evaluate_end_to_end_writes_predictions_results_and_the_table(tiny_checkpoint, data_root, tmp_path):
+    scores = evaluate(str(tiny_checkpoint), ["mme", "pope", "mmbench", "llavabench"], data_root, tmp_path, batch_size=3)
     for name, count in (("mme", 6), ("pope", 7), ("mmbench", 4), ("llavabench", 1)):
         predictions = read_predictions(tmp_path / name / "predictions.jsonl")
         assert len(predictions) == count
@@ -87,31 +78,31 @@ class FailingPredictor:
         return self.inner(benchmark, records)
 
 
-def test_a_stopped_run_resumes_without_duplicates_or_losses(checkpoint, data_root, tmp_path):
-    predictor = Predictor(str(checkpoint))
+def test_a_stopped_run_resumes_without_duplicates_or_losses(tiny_checkpoint, data_root, tmp_path):
+    predictor = Predictor(str(tiny_checkpoint))
     stopping = FailingPredictor(predictor, fail_after=1)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(str(checkpoint), ["pope"], data_root, tmp_path, batch_size=3, predictor=stopping)
+        evaluate(str(tiny_checkpoint), ["pope"], data_root, tmp_path, batch_size=3, predictor=stopping)
     path = tmp_path / "pope" / "predictions.jsonl"
     assert len(read_predictions(path)) == 3
     with path.open("a") as handle:
         handle.write('{"index": "3", "predic')  # a line cut short by the kill
     resuming = FailingPredictor(predictor, fail_after=99)
-    evaluate(str(checkpoint), ["pope"], data_root, tmp_path, batch_size=3, predictor=resuming)
+    evaluate(str(tiny_checkpoint), ["pope"], data_root, tmp_path, batch_size=3, predictor=resuming)
     assert resuming.asked == ["3", "4", "5", "6"]  # only what was missing
     lines = path.read_text().splitlines()
     indices = [json.loads(line)["index"] for line in lines]
     assert sorted(indices) == [str(i) for i in range(7)] and len(indices) == len(set(indices))
-    fresh = evaluate(str(checkpoint), ["pope"], data_root, tmp_path / "fresh", batch_size=7, predictor=predictor)
+    fresh = evaluate(str(tiny_checkpoint), ["pope"], data_root, tmp_path / "fresh", batch_size=7, predictor=predictor)
     assert read_predictions(tmp_path / "fresh" / "pope" / "predictions.jsonl") == read_predictions(path)
     assert fresh["pope"].columns == json.loads((tmp_path / "results.json").read_text())["pope"]["columns"]
 
 
-def test_command_line_with_policy_and_limit(checkpoint, data_root, tmp_path, capsys):
+def test_command_line_with_policy_and_limit(tiny_checkpoint, data_root, tmp_path, capsys):
     main(
         [
             "--model",
-            str(checkpoint),
+            str(tiny_checkpoint),
             "--benchmarks",
             "pope",
             "--data-root",
@@ -131,7 +122,7 @@ def test_command_line_with_policy_and_limit(checkpoint, data_root, tmp_path, cap
         main(
             [
                 "--model",
-                str(checkpoint),
+                str(tiny_checkpoint),
                 "--benchmarks",
                 "pope,mmlu",
                 "--data-root",
@@ -243,7 +234,7 @@ def test_judged_benchmarks_with_the_stub(judge_server, tmp_path):
     assert score.columns == {"MathV": 75.0} and score.metrics["Overall"]["prefetch_rate"] == 50.0
 
 
-def test_lmms_eval_adapter_with_a_stand_in_lmms_eval(checkpoint, images, monkeypatch):
+def test_lmms_eval_adapter_with_a_stand_in_lmms_eval(tiny_checkpoint, images, monkeypatch):
     """lmms-eval pulls a CUDA torch, so the adapter runs here against a stand-in of its base class."""
 
     class LMMs:
@@ -270,7 +261,7 @@ def test_lmms_eval_adapter_with_a_stand_in_lmms_eval(checkpoint, images, monkeyp
     from eval import lmms_eval_adapter
 
     assert lmms_eval_adapter.manifest() == ModelManifest("aki", "eval.lmms_eval_adapter.AkiLmms")
-    model = lmms_eval_adapter.AkiLmms(pretrained=str(checkpoint), batch_size="2")
+    model = lmms_eval_adapter.AkiLmms(pretrained=str(tiny_checkpoint), batch_size="2")
     docs = {0: {"image": images[0]}, 1: {"image": images[1]}, 2: {"image": None}}
     model.task_dict = {"pope": {"test": docs}}
 
