@@ -6,7 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from training.synthetic import CELL_NAMES, COLOURS, NUMBERS, ShapesSource, draw_scene, question_about, scene
+from training.synthetic import (
+    CELL_NAMES,
+    COLOURS,
+    NUMBERS,
+    ShapesSource,
+    draw_scene,
+    question_about,
+    question_kind,
+    scene,
+)
 
 
 def colour_at(image, cell: int, grid: int):
@@ -29,7 +38,7 @@ def test_scenes_are_deterministic_and_answers_match_the_picture(grid):
         objects = scene(3, index, grid, 3)
         seen = {cell: colour_at(a["image"], cell, grid) for cell in range(grid * grid)}
         assert {cell: colour for colour, _, cell in objects} == {c: v for c, v in seen.items() if v}
-        question, answer = question_about(objects, index, 3, grid, kinds)
+        question, answer = question_about(objects, index, 3, grid, question_kind(3, index, kinds))
         if question.startswith("What colour"):
             cell = CELL_NAMES[grid].index(question.removeprefix("What colour is the shape in the ").rstrip("?"))
             assert answer == seen[cell]
@@ -114,3 +123,19 @@ def test_attention_maps(tiny_checkpoint, images, tmp_path):
         ]
     )
     assert (tmp_path / "map.png").stat().st_size > 0
+
+
+def test_conjunction_scenes_need_both_colour_and_shape():
+    from training.synthetic import conjunction_scene
+
+    answers = set()
+    for index in range(200):
+        objects, colour, shape, count = conjunction_scene(5, index, 3, 6)
+        assert sum(o[0] == colour and o[1] == shape for o in objects) == count
+        assert all((o[0] == colour) != (o[1] == shape) for o in objects if not (o[0] == colour and o[1] == shape))
+        item = ShapesSource(200, 5, stage="sft", grid=3, most=6, image_size=48, kinds=("count_both",))[index]["record"]
+        assert item["question"] == f"How many {colour} {shape}s are there?" and item["answer"] == NUMBERS[count]
+        seen = [colour_at(item["image"], cell, 3) for cell in range(9)]
+        assert sorted(v for v in seen if v) == sorted(o[0] for o in objects)
+        answers.add(count)
+    assert answers == {0, 1, 2, 3}

@@ -20,7 +20,7 @@ CELL_NAMES = {
     3: ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"),
 }
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-QUESTION_KINDS = ("colour_at", "count_colour", "count_shape")
+QUESTION_KINDS = ("colour_at", "count_colour", "count_shape", "count_both")
 
 
 def draw_scene(objects: list[tuple[str, str, int]], size: int, grid: int = 2) -> Image.Image:
@@ -54,10 +54,32 @@ def caption_of(objects, grid: int = 2) -> str:
     return " and ".join(parts).capitalize() + "."
 
 
-def question_about(objects, index: int, seed: int, grid: int, kinds: tuple[str, ...]) -> tuple[str, str]:
-    """A (question, answer) pair about the scene, deterministic per (seed, index)."""
+def conjunction_scene(seed: int, index: int, grid: int, most: int) -> tuple[list, str, str, int]:
+    """A scene for "How many red circles?": 0-3 copies of the target, and distractors that share
+    its colour or its shape but never both, so only the conjunction counts."""
+    rng = np.random.default_rng([seed, index, 11])
+    colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+    count = int(rng.integers(0, 4))
+    distractors = int(rng.integers(max(0, 1 - count), max(1, most - count) + 1))
+    cells = rng.choice(grid * grid, size=count + distractors, replace=False)
+    objects = [(colour, shape, int(cell)) for cell in cells[:count]]
+    for cell in cells[count:]:
+        if rng.random() < 0.5:  # same colour, another shape
+            other = str(rng.choice([s for s in SHAPES if s != shape]))
+            objects.append((colour, other, int(cell)))
+        else:  # same shape, another colour
+            other = str(rng.choice([c for c in COLOURS if c != colour]))
+            objects.append((other, shape, int(cell)))
+    return objects, colour, shape, count
+
+
+def question_kind(seed: int, index: int, kinds: tuple[str, ...]) -> str:
+    return kinds[int(np.random.default_rng([seed, index, 5]).integers(len(kinds)))]
+
+
+def question_about(objects, index: int, seed: int, grid: int, kind: str) -> tuple[str, str]:
+    """A (question, answer) pair of one kind about a scene from `scene`, deterministic per (seed, index)."""
     rng = np.random.default_rng([seed, index, 7])
-    kind = kinds[int(rng.integers(len(kinds)))]
     if kind == "colour_at":
         colour, _, cell = objects[index % len(objects)]
         return f"What colour is the shape in the {CELL_NAMES[grid][cell]}?", colour
@@ -74,7 +96,9 @@ class ShapesSource:
     """`size` scenes; `stage` "pretrain" gives image-caption pairs, "sft" gives VQA task items.
 
     `grid` is 2 (2x2 cells) or 3 (3x3), `most` the largest number of shapes in a scene, and
-    `kinds` the question kinds of the SFT items (see `QUESTION_KINDS`).
+    `kinds` the question kinds of the SFT items (see `QUESTION_KINDS`). "count_both" questions
+    ("How many red circles?") get scenes of their own, whose distractors share the target's
+    colour or shape but not both.
     """
 
     def __init__(
@@ -94,11 +118,17 @@ class ShapesSource:
         return self.size
 
     def __getitem__(self, index: int) -> dict:
-        objects = scene(self.seed, index, self.grid, self.most)
+        kind = question_kind(self.seed, index, self.kinds) if self.stage == "sft" else None
+        if kind == "count_both":
+            objects, colour, shape, count = conjunction_scene(self.seed, index, self.grid, self.most)
+            question, answer = f"How many {colour} {shape}s are there?", NUMBERS[count]
+        else:
+            objects = scene(self.seed, index, self.grid, self.most)
         image = draw_scene(objects, self.image_size, self.grid)
         if self.stage == "pretrain":
             return {"image": image, "text": caption_of(objects, self.grid)}
-        question, answer = question_about(objects, index, self.seed, self.grid, self.kinds)
+        if kind != "count_both":
+            question, answer = question_about(objects, index, self.seed, self.grid, kind)
         return {"task": "vqa", "record": {"image": image, "question": question, "answer": answer}, "image_root": None}
 
 
