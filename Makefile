@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check aki training eval tests
-	$(VENV)/bin/ruff format --check aki training eval tests
+	$(VENV)/bin/ruff check aki training eval benchmarks tests
+	$(VENV)/bin/ruff format --check aki training eval benchmarks tests
 
 clean:
 	rm -rf $(VENV) .cache outputs
