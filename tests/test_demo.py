@@ -57,12 +57,17 @@ def test_quick_demo_produces_the_table_and_the_pictures(tmp_path):
     from aki.demo import main
 
     results = main(["--quick", "--out", str(tmp_path)])
-    assert set(results["summary"]) == {"causal", "mma"}
+    summary = results["summary"]
+    assert set(summary) == {"causal", "mma", "gap"}
     for policy in ("causal", "mma"):
-        assert 0.0 <= results["summary"][policy]["mean"] <= 100.0
+        assert 0.0 <= summary[policy]["mean"] <= 100.0
+    assert summary["gap"]["seeds"] == [summary["mma"]["seeds"][0] - summary["causal"]["seeds"][0]]
     for name in ("accuracy.png", "mask_mma.png", "mask_causal.png", "attention_map.png", "results.md", "results.json"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert "| mma |" in (tmp_path / "results.md").read_text()
+    assert (
+        "| mma |" in (tmp_path / "results.md").read_text()
+        and "MMA - causal (same seed)" in (tmp_path / "results.md").read_text()
+    )
     predictions = (tmp_path / "seed0" / "sft_mma" / "eval" / "shapes" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 24 and json.loads(predictions[0])["index"] == "0"
 
