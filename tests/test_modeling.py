@@ -288,3 +288,29 @@ def test_packed_samples_equal_each_sample_alone(tiny, images, implementation):
         alone = logits(model, part, implementation=implementation)[0]
         assert torch.allclose(together[start : start + length], alone, atol=1e-5)
         start += length
+
+
+def test_flex_does_not_recompile_for_new_lengths_within_a_bucket(tiny):
+    """Batches padded to a multiple of 128 (training's pad_to_multiple_of) reuse flex's compiled graphs."""
+    from PIL import Image
+    from torch._dynamo.utils import counters
+
+    from training.encode import collate, encode_conversation
+
+    model, processor = tiny
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    model.set_attn_implementation("flex_attention")
+    image = Image.new("RGB", (32, 32), "red")
+    try:
+        graphs = []
+        for question in ("What colour?", "What colour is the square in the corner?", "Is it red?"):
+            sample = encode_conversation(processor, chat(question, "Red."), [image], 256)
+            batch = collate([sample], processor.tokenizer.pad_token_id, pad_to_multiple_of=128)
+            batch.pop("labels")
+            assert batch["input_ids"].shape[1] == 128
+            with torch.no_grad():
+                model(**batch)
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs[1] == graphs[0] and graphs[2] == graphs[0]
+    finally:
+        model.set_attn_implementation("sdpa")

@@ -125,3 +125,14 @@ def test_collate_pads_right(tiny):
     )
     assert (batch["labels"][0, len(short.input_ids) :] == IGNORE_INDEX).all()
     assert torch.equal(batch["pixel_values"], torch.cat([short.pixel_values, long.pixel_values]))
+
+
+def test_collate_and_pack_round_lengths_up_to_a_bucket(tiny):
+    from training.encode import pack
+
+    _, processor = tiny
+    samples = [encode_caption(processor, RED, text, 128) for text in ("A.", "A red square in the top left.")]
+    batch = collate(samples, processor.tokenizer.pad_token_id, pad_to_multiple_of=64)
+    assert batch["input_ids"].shape[1] == 64 and (batch["labels"][:, len(samples[1].input_ids) :] == IGNORE_INDEX).all()
+    packed = pack(samples, 128, processor.tokenizer.pad_token_id, pad_to_multiple_of=64)
+    assert packed["input_ids"].shape == (1, 64)

@@ -64,6 +64,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_length: int = 512  # tokens, image tokens included
     packing: bool = False  # several samples per row, each with its own masks
+    pad_to_multiple_of: int = 1  # e.g. 128: batch lengths fall in buckets, so compiled kernels do not recompile
     num_workers: int = 0
     seed: int = 42
     bf16: bool = False

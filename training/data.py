@@ -298,12 +298,13 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         start_micro_step: int = 0,
         pack_to: int | None = None,
+        pad_to_multiple_of: int = 1,
     ):
         self.sources, self.encode = sources, encode
         self.plan = MixturePlan(weights, [len(source) for source in sources], seed)
         self.micro_batch_size, self.pad_token_id = micro_batch_size, pad_token_id
         self.rank, self.world_size, self.start = rank, world_size, start_micro_step
-        self.pack_to = pack_to
+        self.pack_to, self.pad_to_multiple_of = pack_to, pad_to_multiple_of
 
     def build(self, micro_step: int) -> dict:
         encoded, skipped, notes = [], Counter(), Counter()
@@ -319,9 +320,9 @@ class TrainStream(IterableDataset):
         if not encoded:
             batch = None
         elif self.pack_to:
-            batch = pack(encoded, self.pack_to, self.pad_token_id)
+            batch = pack(encoded, self.pack_to, self.pad_token_id, self.pad_to_multiple_of)
         else:
-            batch = collate(encoded, self.pad_token_id)
+            batch = collate(encoded, self.pad_token_id, self.pad_to_multiple_of)
         return {"micro_step": micro_step, "batch": batch, "skipped": skipped, "notes": notes}
 
     def __iter__(self):

@@ -160,9 +160,14 @@ def encode_caption(processor, image, caption: str, max_length: int, end_of_chunk
     return Encoded(ids, labels, pixel_values_of(processor, [image]), notes)
 
 
-def collate(samples: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
+def bucket(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple: compiled kernels (flex_attention) then see few distinct shapes."""
+    return -(-length // multiple) * multiple
+
+
+def collate(samples: list[Encoded], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad a list of encoded samples into a batch: input_ids, labels, attention_mask (b, s), pixel_values."""
-    length = max(len(sample.input_ids) for sample in samples)
+    length = bucket(max(len(sample.input_ids) for sample in samples), pad_to_multiple_of)
     input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
@@ -177,7 +182,9 @@ def collate(samples: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor
     return batch
 
 
-def pack(samples: list[Encoded], max_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+def pack(
+    samples: list[Encoded], max_length: int, pad_token_id: int, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
     """Pack samples into rows of at most `max_length` tokens (first fit, in order).
 
     Position ids restart at each sample, which is how the model (and transformers' masks) tell
@@ -191,7 +198,7 @@ def pack(samples: list[Encoded], max_length: int, pad_token_id: int) -> dict[str
             rows.append([sample])
         else:
             row.append(sample)
-    length = max(sum(len(s.input_ids) for s in row) for row in rows)
+    length = bucket(max(sum(len(s.input_ids) for s in row) for row in rows), pad_to_multiple_of)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)

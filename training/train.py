@@ -353,6 +353,7 @@ def train(cfg: TrainConfig) -> dict:
         world_size,
         start_micro_step=step * cfg.gradient_accumulation_steps,
         pack_to=cfg.max_length if cfg.packing else None,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
     )
     loader = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
 
