@@ -310,3 +310,16 @@ def test_hf_layouts_of_the_other_benchmarks(tmp_path):
     records = mmmu.load(tmp_path)
     score = mmmu.score(records, {"validation_Art_1": "B", "dev_Art_2": "It was Picasso."})
     assert score.metrics["by_split"] == {"dev": 100.0, "validation": 100.0}
+
+
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [("14", True), ("14.0", False), ("14 cm", False), (" 14", True), ("The answer is 14", False)],
+)
+def test_mathvista_integer_prefetch_is_exact_like_the_toolkit(prediction, expected):
+    """int() of the raw answer: units or a sentence need the judge (VLMEvalKit's post_check)."""
+    from eval.benchmarks.mathvista import check
+    from eval.data import Record
+
+    record = Record("0", "How long?", "14", extra={"question_type": "free_form", "answer_type": "integer"})
+    assert check(record, prediction) is expected
