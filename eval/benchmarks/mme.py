@@ -4,7 +4,7 @@ from collections import defaultdict
 
 from ..data import Record
 from .base import Benchmark, Score, mean
-from .yorn import read_yes_no
+from .yorn import read_yes_no, yes_no_record
 
 PERCEPTION = ("OCR", "artwork", "celebrity", "color", "count", "existence", "landmark", "position", "posters", "scene")
 COGNITION = ("code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation")
@@ -18,29 +18,12 @@ class MME(Benchmark):
     hf_split = "test"
 
     def from_tsv(self, row: dict) -> list[Record]:
+        # The two questions of an image share its path (or point at the same image row).
         image_key = row.get("image_path") or (row["image"] if len(row["image"]) <= 64 else row["index"])
-        return [
-            Record(
-                index=str(row["index"]),
-                question=row["question"],
-                answer=row["answer"].strip().capitalize(),
-                images=row["_images"],
-                category=row["category"],
-                extra={"image": image_key},
-            )
-        ]
+        return [yes_no_record(row, row["_images"], str(row["index"]), image=image_key)]
 
     def from_hf(self, row: dict) -> list[Record]:
-        return [
-            Record(
-                index=str(row["_position"]),
-                question=row["question"],
-                answer=str(row["answer"]).strip().capitalize(),
-                images=[row["image"]],
-                category=row["category"],
-                extra={"image": row["question_id"]},
-            )
-        ]
+        return [yes_no_record(row, [row["image"]], str(row["_position"]), image=row["question_id"])]
 
     def score(self, records, predictions, judge=None) -> Score:
         per_image = defaultdict(list)

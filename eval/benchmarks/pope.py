@@ -4,7 +4,7 @@ from collections import defaultdict
 
 from ..data import Record
 from .base import Benchmark, Score
-from .yorn import read_yes_no
+from .yorn import read_yes_no, yes_no_record
 
 
 def rates(pairs: list[tuple[str, str]]) -> dict[str, float]:
@@ -27,26 +27,11 @@ class POPE(Benchmark):
     hf_split = "test"
 
     def from_tsv(self, row: dict) -> list[Record]:
-        return [
-            Record(
-                index=str(row["index"]),
-                question=row["question"],
-                answer=row["answer"].strip().capitalize(),
-                images=row["_images"],
-                category=row["category"],  # a comma list: one shared question may sit in several splits
-            )
-        ]
+        # `category` may be a comma list: one shared question can sit in several splits.
+        return [yes_no_record(row, row["_images"], str(row["index"]))]
 
     def from_hf(self, row: dict) -> list[Record]:
-        return [
-            Record(
-                index=str(row.get("question_id", row["_position"])),
-                question=row["question"],
-                answer=str(row["answer"]).strip().capitalize(),
-                images=[row["image"]],
-                category=row["category"],
-            )
-        ]
+        return [yes_no_record(row, [row["image"]], str(row.get("question_id", row["_position"])))]
 
     def score(self, records, predictions, judge=None) -> Score:
         by_split, how = defaultdict(list), defaultdict(int)

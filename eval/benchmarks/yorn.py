@@ -1,5 +1,6 @@
 """Yes/no answers (MME, POPE): rule extraction, and the judge only for what the rules cannot read."""
 
+from ..data import Record
 from ..extract import yes_no
 
 # VLMEvalKit's yes/no matcher, for answers that are neither a lone yes nor a lone no.
@@ -31,3 +32,15 @@ def read_yes_no(question: str, prediction: str, judge) -> tuple[str, str]:
         if answer != "Unknown":
             return answer, "judge"
     return "Unknown", "judge"
+
+
+def yes_no_record(row: dict, images: list, index: str, **extra) -> Record:
+    """A yes/no question (answers normalised to 'Yes' / 'No', as the toolkit compares them)."""
+    return Record(
+        index=index,
+        question=row["question"],
+        answer=str(row["answer"]).strip().capitalize(),
+        images=images,
+        category=row["category"],
+        extra=extra,
+    )
