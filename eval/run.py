@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     judge = Judge.from_environment(args.judge_base_url, args.judge_model, args.judge_api_key)
     names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     output = args.output / args.policy if args.policy else args.output
-    scores = evaluate(args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge)
-    print(table(scores, f"ours ({args.model})"))
+    evaluate(args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge)
+    print((output / "table.md").read_text())
 
 
 if __name__ == "__main__":

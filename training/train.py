@@ -206,8 +206,6 @@ class TorchEngine:
                 "scheduler": self.scheduler.state_dict(),
             }
             torch.save({**payload, "state": state}, folder / "engine.pt")
-        if dist.is_initialized():
-            dist.barrier()
 
     def load(self, folder: Path) -> dict:
         payload = torch.load(folder / "engine.pt", map_location=self.device, weights_only=False)
