@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -97,9 +98,7 @@ class Predictor:
     def __call__(self, benchmark: Benchmark, records: list[Record]) -> list[str]:
         contents, images = [], []
         for record in records:
-            content, first_image = aki_content(
-                benchmark.message(Record(**{**record.__dict__, "images": record.load_images()}))
-            )
+            content, first_image = aki_content(benchmark.message(replace(record, images=record.load_images())))
             contents.append(content)
             images += first_image
         return self.generate(

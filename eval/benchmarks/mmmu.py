@@ -2,6 +2,7 @@
 
 import ast
 import re
+from dataclasses import replace
 
 from ..data import Record, is_missing, options_of
 from .base import Score, mean
@@ -72,21 +73,9 @@ class MMMU(MCQBenchmark):
         hits, how = {}, {}
         for record in records:
             if not record.options:  # open question (VLMEvalKit's MMMU_preproc)
-                record = Record(
-                    record.index,
-                    record.question,
-                    "A",
-                    options={"A": record.answer, "B": "Other Answers"},
-                    extra=record.extra,
-                )
+                record = replace(record, answer="A", options={"A": record.answer, "B": "Other Answers"})
             elif record.answer not in record.options:
-                record = Record(
-                    record.index,
-                    record.question,
-                    "A",
-                    options={"A": record.answer, **{k: v for k, v in record.options.items() if k != "A"}},
-                    extra=record.extra,
-                )
+                record = replace(record, answer="A", options={**record.options, "A": record.answer})
             letter, method = choose(record, predictions[record.index], judge)
             how[method] = how.get(method, 0) + 1
             hits[record.index] = (record.extra.get("split", "validation"), float(letter == record.answer))
