@@ -15,9 +15,7 @@ import torch
 @torch.no_grad()
 def image_to_question_attention(model, processor, image, question: str) -> tuple[torch.Tensor, list[str]]:
     """(layers, image tokens, question tokens) attention weights, and the question tokens' text."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+    inputs = processor.question_inputs(image, question).to(model.device)
     windows = model.model.window_ids(inputs["input_ids"])[0]
     image_rows = (windows > 0).nonzero().flatten()
     question_columns = (windows < 0).nonzero().flatten()

@@ -118,9 +118,7 @@ def bar_chart(summary: dict, path: Path, title: str) -> None:
 
 def draw_masks(model, processor, image, question: str, out: Path) -> dict[str, Path]:
     """The MMA and causal masks of one prompt, as pictures."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    inputs = processor.question_inputs(image, question)
     windows = model.model.window_ids(inputs["input_ids"], inputs["attention_mask"])
     roles = token_roles(inputs["input_ids"], model.config.image_token_id, windows, inputs["attention_mask"])[0]
     paths = {}

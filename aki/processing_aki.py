@@ -131,5 +131,11 @@ class AkiProcessor(ProcessorMixin):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
 
+    def question_inputs(self, image, question: str):
+        """Tensors for one user turn, an image and a question, ending in the assistant header."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self(images=image, text=prompt, return_tensors="pt")
+
 
 __all__ = ["AkiImageProcessor", "AkiProcessor", "PHI3_CHAT_TEMPLATE", "LLAMA3_CHAT_TEMPLATE", "AKI_SYSTEM_PROMPT"]
