@@ -1,12 +1,13 @@
 """AKI: multimodal LLMs with modality-mutual attention, native to Hugging Face transformers.
 
 `import aki` registers the model with transformers' Auto classes, so `AutoConfig`, `AutoModel`,
-`AutoModelForImageTextToText` and `AutoProcessor` load AKI folders without remote code.
+`AutoModelForImageTextToText` and `AutoProcessor` load AKI folders without remote code, and
+registers the "aki_split" attention implementation (MMA on FlashAttention-2, `split_attention`).
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from . import assemble, masking, presets
+from . import assemble, masking, presets, split_attention
 from .configuration_aki import AkiConfig
 from .modeling_aki import AkiForConditionalGeneration, AkiModel, AkiPreTrainedModel, PromptSplitError
 from .processing_aki import AkiImageProcessor, AkiProcessor
@@ -30,4 +31,5 @@ __all__ = [
     "assemble",
     "masking",
     "presets",
+    "split_attention",
 ]

@@ -30,6 +30,7 @@ from transformers.utils.generic import can_return_tuple, is_flash_attention_requ
 
 from .configuration_aki import AkiConfig
 from .masking import mma_mask_function, mma_window_ids, window_split_at
+from .split_attention import SPLIT_ATTENTION, split_layout
 
 
 class PromptSplitError(ValueError):
@@ -365,16 +366,36 @@ class AkiModel(AkiPreTrainedModel):
                     f"the placeholders (token id {self.config.image_token_id})."
                 )
 
-        if self.config.attention_policy == "mma" and not is_prepared_mask(attention_mask):
-            past_length = cache.get_seq_length() if cache is not None else 0
-            query_length = inputs_embeds.shape[1]
-            # Packed samples (position ids restarting inside a row), as transformers detects them.
-            document_ids = None
-            if position_ids is not None and attention_mask is None and past_length == 0:
-                document_ids = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
+        past_length = cache.get_seq_length() if cache is not None else 0
+        query_length = inputs_embeds.shape[1]
+        mma = self.config.attention_policy == "mma" and not is_prepared_mask(attention_mask)
+        split = self.config.text_config._attn_implementation == SPLIT_ATTENTION
+        # Packed samples (position ids restarting inside a row), as transformers detects them.
+        document_ids = None
+        if (mma or split) and position_ids is not None and attention_mask is None and past_length == 0:
+            document_ids = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
+        window_ids = None
+        if mma:
             window_ids = self.absolute_window_ids(
                 input_ids, mma_window_ids, attention_mask, past_length, query_length, document_ids
             )
+        if split:
+            if (cache is not None and cache.is_compileable) or is_prepared_mask(attention_mask):
+                raise ValueError(
+                    f"The '{SPLIT_ATTENTION}' attention takes a 2D padding mask and a dynamic cache, "
+                    "not a prepared 4D mask or a static cache."
+                )
+            # One layout per forward, read by every layer (the mask interface has none for this name).
+            kwargs["aki_split_layout"] = split_layout(
+                attention_mask,
+                inputs_embeds.shape[0],
+                query_length,
+                past_length + query_length,
+                inputs_embeds.device,
+                window_ids[:, past_length:] if window_ids is not None else None,
+                document_ids,
+            )
+        elif window_ids is not None:
             # Only a chunk holding an image with an open window needs more than the causal mask:
             # decode steps keep the backend's fast causal path.
             if (window_ids[:, past_length:] > 0).any():

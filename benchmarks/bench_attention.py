@@ -6,7 +6,8 @@ Three measurements, each printed as a table with ratios against a baseline measu
 1. mask construction for a batch (ours, vectorised, vs the official per-sample Python loop);
 2. one attention layer (h=8 heads of 64), forward and forward+backward: causal (`is_causal`), MMA through
    sdpa with our boolean mask, eager with an additive mask, flex_attention with a block mask (forward
-   only on CPU), and the official approach (dense float mask built per sample, eager attention);
+   only on CPU), the split path (FlashAttention-2 causal pass + rectangle pass, CUDA only), and the
+   official approach (dense float mask built per sample, eager attention); bf16 on CUDA, fp32 on CPU;
 3. the tiny AKI model, forward+backward, causal vs MMA per backend.
 Writes `attention.csv`, `masks.csv`, `model.csv` and `attention.png` under --out.
 """
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, layout, official_mask, our_mask, peak_memory, print_table, timed, write_csv  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # FlashAttention needs 16-bit
 
 
 def eager_attention(q, k, v, additive_mask):
@@ -49,7 +51,7 @@ def bench_masks(batch: int, length: int) -> dict:
 def attention_methods(batch: int, length: int, device: torch.device):
     ids, valid = layout(batch, length)
     bool_mask = our_mask(ids, valid)[:, None].to(device)
-    additive = torch.zeros(bool_mask.shape, device=device).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    additive = torch.zeros(bool_mask.shape, device=device, dtype=DTYPE).masked_fill(~bool_mask, torch.finfo(DTYPE).min)
     methods = {
         "causal (is_causal)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "mma sdpa (bool mask)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask),
@@ -57,7 +59,7 @@ def attention_methods(batch: int, length: int, device: torch.device):
     }
 
     def official(q, k, v):  # the mask is rebuilt for every batch, as the official forward does
-        return eager_attention(q, k, v, official_mask(ids, valid).to(device))
+        return eager_attention(q, k, v, official_mask(ids, valid, DTYPE).to(device))
 
     methods["official (dense loop mask, eager)"] = official
     try:
@@ -77,6 +79,19 @@ def attention_methods(batch: int, length: int, device: torch.device):
         methods["mma flex (block mask)"] = lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
     except Exception as error:  # noqa: BLE001 - report, do not fail the other measurements
         print(f"flex_attention unavailable: {error}")
+    if device.type == "cuda":  # the split path's CPU kernel is a dense reference, not worth timing
+        from aki.masking import mma_window_ids
+        from aki.split_attention import split_attention_forward, split_layout
+
+        windows = mma_window_ids(ids, 3, [7], valid).to(device)
+        for name, window_ids in (
+            ("causal split (FlashAttention-2 varlen)", None),
+            ("mma split (FA2 + rectangle)", windows),
+        ):
+            split = split_layout(valid.to(device), batch, length, length, device, window_ids)
+            methods[name] = lambda q, k, v, split=split: split_attention_forward(
+                None, q, k, v, None, aki_split_layout=split
+            )[0]
     return methods
 
 
@@ -85,7 +100,7 @@ def bench_attention(batch: int, length: int, device: torch.device) -> list[dict]
     shape = (batch, HEADS, length, HEAD_DIM)
     for name, method in attention_methods(batch, length, device).items():
         trainable = not ("flex" in name and device.type == "cpu")  # flex_attention has no CPU backward
-        q, k, v = (torch.randn(shape, device=device, requires_grad=trainable) for _ in range(3))
+        q, k, v = (torch.randn(shape, device=device, dtype=DTYPE, requires_grad=trainable) for _ in range(3))
 
         def forward(method=method, q=q, k=k, v=v):
             with torch.no_grad():
@@ -114,7 +129,7 @@ def bench_model(length: int, device: torch.device) -> list[dict]:
 
     rows = []
     model, processor = build_tiny("tiny", text_config={"max_position_embeddings": max(1024, 2 * length)})
-    model.to(device).train()
+    model.to(device, DTYPE).train()
     ids, valid = layout(2, length)
     vocab = model.config.text_config.vocab_size
     ids = torch.where(
@@ -122,9 +137,10 @@ def bench_model(length: int, device: torch.device) -> list[dict]:
     )
     # The layout holds 144 image tokens; the tiny connector makes 8 per image, so 18 images per row.
     images = int((ids == model.config.image_token_id).sum()) // model.config.num_image_tokens
-    pixel_values = torch.randn(images, 3, 32, 32, device=device)
+    pixel_values = torch.randn(images, 3, 32, 32, device=device, dtype=DTYPE)
     inputs = {"input_ids": ids.to(device), "attention_mask": valid.to(device), "pixel_values": pixel_values}
-    for implementation in ("sdpa", "eager"):
+    backends = ("sdpa", "eager", "aki_split") if device.type == "cuda" else ("sdpa", "eager")
+    for implementation in backends:
         model.set_attn_implementation(implementation)
         for policy in ("causal", "mma"):
             model.config.attention_policy = policy

@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         ("official: dense loop mask, eager", "mma"),
     ]
     if device.type == "cuda":
-        runs.insert(2, ("flex_attention", "mma"))
+        runs[2:2] = [("flex_attention", "mma"), ("aki_split", "causal"), ("aki_split", "mma")]
     rows = []
     for backend, policy in runs:
         official = backend.startswith("official")

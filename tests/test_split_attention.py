@@ -1,0 +1,288 @@
+"""The split path ("aki_split": causal pass + rectangle pass merged by log-sum-exp) against sdpa."""
+
+import pytest
+import torch
+from helpers import chat, encode
+from test_masking import IMG, LLAMA_MARKER, PHI_MARKER, random_batch, reference_mask
+from transformers import DynamicCache, StaticCache
+
+from aki import AkiForConditionalGeneration
+from aki.masking import mma_window_ids
+from aki.presets import TINY_IDS, TINY_TEXT, build_tiny, config_from_preset
+from aki.split_attention import SPLIT_ATTENTION, FlashKernel, ReferenceKernel, Segments, split_layout
+
+SPLIT = {"text_config": SPLIT_ATTENTION, "vision_config": "sdpa", "": "sdpa"}
+QUESTION = "What colour is the shape?"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention runs on CUDA only")
+
+
+def layout_mask(layout, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The (b * s, b * t) masks the two passes attend with, in padded coordinates."""
+    b, s, t = layout.batch, layout.query_length, layout.key_length
+    causal = torch.zeros(b * s, b * t, dtype=torch.bool)
+    inner = ReferenceKernel.allowed(layout.causal, len(layout.query_index), len(layout.key_index), True, None, device)
+    causal[layout.query_index[:, None], layout.key_index[None, :]] = inner
+    rectangle = torch.zeros_like(causal)
+    if layout.rectangle is not None:
+        rows = layout.query_index[layout.rect_rows]
+        inner = ReferenceKernel.allowed(layout.rectangle, len(rows), len(layout.rect_key_index), False, None, device)
+        # A key gathered for several image blocks is one key: OR the copies together.
+        for column, key in enumerate(layout.rect_key_index.tolist()):
+            rectangle[rows, key] |= inner[:, column]
+    return causal, rectangle
+
+
+@pytest.mark.parametrize("marker", [PHI_MARKER, LLAMA_MARKER], ids=["one-token-marker", "three-token-marker"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("seed", range(12))
+def test_the_two_passes_are_disjoint_and_cover_the_rule(seed, padding_side, marker):
+    input_ids, valid = random_batch(seed, marker, padding_side)
+    b, s = input_ids.shape
+    layout = split_layout(valid, b, s, s, torch.device("cpu"), mma_window_ids(input_ids, IMG, marker, valid.long()))
+    causal, rectangle = layout_mask(layout)
+    assert not (causal & rectangle).any()
+    union = (causal | rectangle).view(b, s, b, s)
+    for row in range(b):
+        expected = reference_mask(input_ids[row].tolist(), valid[row].tolist(), marker)
+        expected[~valid[row]] = False  # padded queries are not computed at all
+        assert torch.equal(union[row, :, row], expected), f"sample {row}: {input_ids[row].tolist()}"
+        others = torch.cat([union[row, :, :row], union[row, :, row + 1 :]], dim=1)
+        assert not others.any()
+
+
+def test_packed_samples_are_separate_sequences():
+    input_ids, valid = random_batch(5, PHI_MARKER, "right")
+    lengths = valid.sum(1).tolist()
+    packed = torch.cat([input_ids[i, : lengths[i]] for i in range(2)])[None]
+    documents = torch.cat([torch.full((lengths[i],), i) for i in range(2)])[None]
+    windows = mma_window_ids(packed, IMG, PHI_MARKER, document_ids=documents)
+    layout = split_layout(None, 1, packed.shape[1], packed.shape[1], torch.device("cpu"), windows, documents)
+    causal, rectangle = layout_mask(layout)
+    union, start = causal | rectangle, 0
+    expected = torch.zeros_like(union)
+    for i in range(2):
+        end = start + lengths[i]
+        expected[start:end, start:end] = reference_mask(
+            input_ids[i, : lengths[i]].tolist(), [True] * lengths[i], PHI_MARKER
+        )
+        start = end
+    assert torch.equal(union, expected)
+
+
+def test_reference_kernel_backward_equals_autograd():
+    """The backward from (out, lse) alone, as FlashAttention computes it, equals autograd of the softmax."""
+    torch.manual_seed(0)
+    seg = Segments(torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32), 5, 7)
+    q, k, v = (torch.randn(n, 2, 4, requires_grad=True) for n in (8, 12, 12))
+    for causal, window in ((True, None), (True, 3), (False, None)):
+        allowed = ReferenceKernel.allowed(seg, 8, 12, causal, window, "cpu")
+        scores = torch.einsum("qhe,khe->hqk", q, k) * 0.5
+        expected = torch.einsum("hqk,khe->qhe", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+        grad_out = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+        with torch.no_grad():
+            out, lse = ReferenceKernel.forward(q, k, v, seg, causal, 0.5, window)
+            grads = ReferenceKernel.backward(grad_out, q, k, v, out, lse, seg, causal, 0.5, window)
+        assert torch.allclose(out, expected, atol=1e-6)
+        for ours, reference in zip(grads, expected_grads, strict=True):
+            assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def loss_and_grads(model, batch, implementation):
+    model.set_attn_implementation(implementation)
+    model.zero_grad()
+    model.train()
+    try:
+        output = model(**batch)
+        valid = (
+            batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(batch["input_ids"]).bool()
+        )
+        loss = (output.logits[valid] ** 2).mean()
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    finally:
+        model.eval()
+        model.zero_grad()
+        model.set_attn_implementation("sdpa")
+    return output.logits.detach(), grads
+
+
+def assert_same_training_step(model, batch):
+    reference_logits, reference_grads = loss_and_grads(model, batch, "sdpa")
+    logits, grads = loss_and_grads(model, batch, SPLIT)
+    valid = batch["attention_mask"].bool() if "attention_mask" in batch else slice(None)
+    assert torch.allclose(logits[valid], reference_logits[valid], atol=1e-5)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, reference_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.fixture(params=["tiny", "tiny-llama"])
+def model_and_processor(request, tiny, tiny_llama):
+    return tiny if request.param == "tiny" else tiny_llama
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_forward_and_gradients_equal_sdpa(model_and_processor, images, padding_side):
+    """A padded batch: two images in one turn, and a two-turn chat with one image per turn."""
+    model, processor = model_and_processor
+    processor.tokenizer.padding_side = padding_side
+    two_images = processor.apply_chat_template(chat(QUESTION, "Red.", num_images=2), tokenize=False)
+    two_turns = processor.apply_chat_template(chat(QUESTION, "Red.") + chat("And this one?", "Blue."), tokenize=False)
+    batch = processor(images=images + images, text=[two_images, two_turns], padding=True, return_tensors="pt")
+    processor.tokenizer.padding_side = "left"
+    assert_same_training_step(model, batch)
+    # MMA is really on: the causal split path gives other logits.
+    model.config.attention_policy = "causal"
+    try:
+        causal_logits, _ = loss_and_grads(model, batch, SPLIT)
+        reference, _ = loss_and_grads(model, batch, "sdpa")
+    finally:
+        model.config.attention_policy = "mma"
+    valid = batch["attention_mask"].bool()
+    assert torch.allclose(causal_logits[valid], reference[valid], atol=1e-5)
+    mma_logits, _ = loss_and_grads(model, batch, SPLIT)
+    assert not torch.allclose(causal_logits[valid], mma_logits[valid], atol=1e-4)
+
+
+def test_packed_row_equals_sdpa(tiny, images):
+    model, processor = tiny
+    caption = processor(images=images[:1], text="<image>An astronaut.<|endofchunk|>", return_tensors="pt")
+    chat_inputs = encode(processor, chat(QUESTION, "A red square."), images[1:])
+    parts = [caption, chat_inputs]
+    packed = {
+        "input_ids": torch.cat([p["input_ids"] for p in parts], dim=1),
+        "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
+        "position_ids": torch.cat([torch.arange(p["input_ids"].shape[1]) for p in parts])[None],
+    }
+    assert_same_training_step(model, packed)
+
+
+def test_sliding_window_equals_sdpa(images):
+    special = {
+        "bos_token_id": TINY_IDS["<s>"],
+        "eos_token_id": TINY_IDS["<|endoftext|>"],
+        "pad_token_id": TINY_IDS["<pad>"],
+    }
+    text = {
+        **TINY_TEXT,
+        **special,
+        "model_type": "phi3",
+        "sliding_window": 12,
+        "original_max_position_embeddings": 1024,
+    }
+    model = AkiForConditionalGeneration(config_from_preset("tiny", text_config=text)).eval()
+    _, processor = build_tiny("tiny")
+    batch = encode(processor, chat(QUESTION + " Answer in one word, please.", "Red."), images[:1])
+    assert batch["input_ids"].shape[1] > 2 * 12
+    assert_same_training_step(model, batch)
+
+
+def test_generation_equals_sdpa(model_and_processor, images):
+    """Greedy decoding of a left-padded batch: prefill with the rectangle, decode steps causal."""
+    model, processor = model_and_processor
+    texts = [
+        processor.apply_chat_template(chat(q), add_generation_prompt=True, tokenize=False)
+        for q in (QUESTION, "Is there a cat in this picture? Answer yes or no.")
+    ]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    settings = {"max_new_tokens": 12, "do_sample": False, "min_new_tokens": 12}
+    model.set_attn_implementation(SPLIT)
+    try:
+        with torch.no_grad():
+            split = model.generate(**batch, **settings, output_scores=True, return_dict_in_generate=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = model.generate(**batch, **settings, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(split.sequences, reference.sequences)
+    for ours, theirs in zip(split.scores, reference.scores, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_a_new_image_turn_after_a_cached_turn(tiny, images):
+    """A cache holds the first turn; the next chunk brings a second image with its question."""
+    model, processor = tiny
+    first = encode(processor, chat(QUESTION, "Red."), images[:1])
+    full = encode(processor, chat(QUESTION, "Red.") + chat("And this one?"), images)
+    cached = first["input_ids"].shape[1]
+    assert torch.equal(full["input_ids"][:, :cached], first["input_ids"])
+    results = []
+    for implementation in (SPLIT, "sdpa"):
+        model.set_attn_implementation(implementation)
+        cache = DynamicCache(config=model.config.text_config)
+        with torch.no_grad():
+            model(**first, cache=cache, use_cache=True)
+            chunk = {"input_ids": full["input_ids"][:, cached:], "pixel_values": full["pixel_values"][1:]}
+            results.append(model(**chunk, cache=cache).logits)
+    model.set_attn_implementation("sdpa")
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_one_name_for_the_whole_model(tiny, images):
+    """`set_attn_implementation("aki_split")`: the vision tower and the Perceiver run it unmasked."""
+    model, processor = tiny
+    inputs = encode(processor, chat(QUESTION, "Red.", num_images=2), images)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        model.set_attn_implementation(SPLIT_ATTENTION)
+        try:
+            split = model(**inputs).logits
+        finally:
+            model.set_attn_implementation("sdpa")
+    assert torch.allclose(split, reference, atol=1e-5)
+
+
+def test_refusals_name_the_problem(tiny, images):
+    model, processor = tiny
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    model.set_attn_implementation(SPLIT)
+    try:
+        cache = StaticCache(config=model.config.text_config, max_cache_len=256)
+        with pytest.raises(ValueError, match="dynamic cache, not a static one|static cache"):
+            model(**inputs, cache=cache)
+        with pytest.raises(ValueError, match="needs the layout"):
+            model.model.language_model(input_ids=inputs["input_ids"])
+        attention = model.model.language_model.layers[0].self_attn
+        attention.attention_dropout = 0.1
+        model.train()
+        with pytest.raises(ValueError, match="dropout"):
+            model(**inputs)
+    finally:
+        attention.attention_dropout = 0.0
+        model.eval()
+        model.set_attn_implementation("sdpa")
+
+
+@cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_kernel_equals_the_reference_kernel(causal):
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    seg = Segments(*(torch.tensor(x, dtype=torch.int32, device=device) for x in ([0, 70, 200], [0, 90, 260])), 130, 170)
+    q, k, v = (torch.randn(n, 4, 64, device=device, dtype=torch.bfloat16) for n in (200, 260, 260))
+    out, lse = FlashKernel.forward(q, k, v, seg, causal, 0.125, None)
+    ref_out, ref_lse = ReferenceKernel.forward(q, k, v, seg, causal, 0.125, None)
+    assert torch.allclose(out.float(), ref_out.float(), atol=2e-2)
+    assert torch.allclose(lse, ref_lse, atol=1e-2)
+    grad_out = torch.randn_like(out)
+    grads = FlashKernel.backward(grad_out, q, k, v, out, lse, seg, causal, 0.125, None)
+    ref_grads = ReferenceKernel.backward(grad_out, q, k, v, ref_out, ref_lse, seg, causal, 0.125, None)
+    for ours, reference in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(ours.float(), reference.float(), atol=5e-2, rtol=5e-2)
+
+
+@cuda
+def test_cuda_bf16_split_path_equals_sdpa(images):
+    model, processor = build_tiny("tiny-llama", seed=0)
+    model = model.to("cuda", torch.bfloat16)
+    processor.tokenizer.padding_side = "right"
+    texts = [processor.apply_chat_template(chat(q, "Red."), tokenize=False) for q in (QUESTION, "Is it a cat?")]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt").to("cuda")
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    reference_logits, reference_grads = loss_and_grads(model, batch, "sdpa")
+    logits, grads = loss_and_grads(model, batch, SPLIT)
+    valid = batch["attention_mask"].bool()
+    assert torch.allclose(logits[valid].float(), reference_logits[valid].float(), atol=5e-2)
+    for name, grad in grads.items():
+        assert torch.allclose(grad.float(), reference_grads[name].float(), atol=5e-2, rtol=5e-2), name
