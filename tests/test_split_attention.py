@@ -2,18 +2,26 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import chat, encode
 from test_masking import IMG, LLAMA_MARKER, PHI_MARKER, random_batch, reference_mask
 from transformers import DynamicCache, StaticCache
 
 from aki import AkiForConditionalGeneration
-from aki.masking import mma_window_ids
+from aki.masking import dense_attention_mask, mma_mask_function, mma_window_ids
 from aki.presets import TINY_IDS, TINY_TEXT, build_tiny, config_from_preset
-from aki.split_attention import SPLIT_ATTENTION, FlashKernel, ReferenceKernel, Segments, split_layout
+from aki.split_attention import (
+    SPLIT_ATTENTION,
+    FlashKernel,
+    ReferenceKernel,
+    Segments,
+    split_attention_forward,
+    split_layout,
+)
 
 SPLIT = {"text_config": SPLIT_ATTENTION, "vision_config": "sdpa", "": "sdpa"}
 QUESTION = "What colour is the shape?"
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention runs on CUDA only")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention, compiled flex_attention)")
 
 
 def layout_mask(layout, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +56,68 @@ def test_the_two_passes_are_disjoint_and_cover_the_rule(seed, padding_side, mark
         assert torch.equal(union[row, :, row], expected), f"sample {row}: {input_ids[row].tolist()}"
         others = torch.cat([union[row, :, :row], union[row, :, row + 1 :]], dim=1)
         assert not others.any()
+
+
+def attention_on_a_random_layout(seed: int, padding_side: str, attend, device="cpu", dtype=torch.float32):
+    """Outputs and q/k/v gradients of `attend(q, k, v, input_ids, valid)` on valid rows, and of sdpa
+    with the dense rule as reference; 4 query heads share 2 key/value heads."""
+    input_ids, valid = random_batch(seed, PHI_MARKER, padding_side)
+    b, s = input_ids.shape
+    generator = torch.Generator().manual_seed(seed)
+    shapes = ((b, 4, s, 16), (b, 2, s, 16), (b, 2, s, 16))
+    tensors = [torch.randn(shape, generator=generator).to(device, dtype).requires_grad_() for shape in shapes]
+    rows = valid.to(device).bool()
+    windows = mma_window_ids(input_ids, IMG, PHI_MARKER, valid.long()).to(device)
+    allowed = dense_attention_mask(windows, valid.to(device).long())[:, None]
+    results = []
+    for method in (attend, None):
+        if method is None:
+            q, k, v = tensors
+            output = F.scaled_dot_product_attention(
+                q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed
+            ).transpose(1, 2)
+        else:
+            output = method(*tensors, windows, valid.to(device))
+        grads = torch.autograd.grad((output[rows].float() ** 2).sum(), tensors)
+        results.append((output[rows].detach(), grads))
+    return results
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("seed", range(6))
+def test_split_attention_equals_sdpa_on_random_layouts(seed, padding_side):
+    def split(q, k, v, windows, valid):
+        b, _, s, _ = q.shape
+        layout = split_layout(valid, b, s, s, q.device, windows)
+        return split_attention_forward(None, q, k, v, None, scaling=0.25, aki_split_layout=layout)[0]
+
+    (output, grads), (reference, reference_grads) = attention_on_a_random_layout(seed, padding_side, split)
+    assert torch.allclose(output, reference, atol=1e-5)
+    for ours, theirs in zip(grads, reference_grads, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("seed", range(3))
+def test_cuda_flex_attention_equals_sdpa_on_random_layouts(seed):
+    """flex_attention with the block mask from the window ids, forward and gradients, on CUDA."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def flex(q, k, v, windows, valid):
+        b, _, s, _ = q.shape
+        overlay = mma_mask_function(windows)
+
+        def mask_mod(batch, head, q_idx, kv_idx):
+            return ((kv_idx <= q_idx) | overlay(batch, head, q_idx, kv_idx)) & valid[batch, kv_idx].bool()
+
+        block_mask = create_block_mask(mask_mod, b, None, s, s, device="cuda")
+        output = torch.compile(flex_attention)(q, k, v, block_mask=block_mask, scale=0.25, enable_gqa=True)
+        return output.transpose(1, 2)
+
+    (output, grads), (reference, reference_grads) = attention_on_a_random_layout(seed, "right", flex, "cuda")
+    assert torch.allclose(output, reference, atol=1e-4)
+    for ours, theirs in zip(grads, reference_grads, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-4)
 
 
 def test_packed_samples_are_separate_sequences():
