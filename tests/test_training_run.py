@@ -165,6 +165,18 @@ def test_packed_batches_give_the_same_losses_as_padded_ones(tmp_path):
         assert actual[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_split_attention_path_trains_on_the_same_losses(tmp_path, packing):
+    common = {"model.pretrained": None, "model.preset": "tiny", "max_steps": 3, "save_every": 0, "packing": packing}
+    _, sdpa = run("tiny_sft.yaml", tmp_path, "sdpa", **common)
+    _, split = run("tiny_sft.yaml", tmp_path, "split", **{"model.attn_implementation": "aki_split"}, **common)
+    expected, actual = losses(sdpa), losses(split)
+    for step in expected:
+        assert actual[step] == pytest.approx(expected[step], rel=1e-5), step
+    with pytest.raises(ValueError, match="no_such_attention"):  # the setting is applied, not ignored
+        run("tiny_sft.yaml", tmp_path, "bad", **{"model.attn_implementation": "no_such_attention"}, **common)
+
+
 def test_deepspeed_checkpoint_resumes_exactly(tmp_path):
     pytest.importorskip("deepspeed")
     zero2 = f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"

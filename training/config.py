@@ -21,6 +21,7 @@ class ModelConfig:
     vision_model: str | None = None  # a SigLIP folder, with `language_model`, for a fresh AKI
     language_model: str | None = None
     attention_policy: str | None = None  # overrides the checkpoint's; pretrain forces "causal"
+    attn_implementation: str = "sdpa"  # eager | sdpa | flex_attention | aki_split (FlashAttention-2 on CUDA)
     trainable: str = "connector+llm"  # connector | connector+llm | all | lora
     lora_rank: int = 16
     lora_alpha: int = 32

@@ -113,6 +113,7 @@ def build_model(cfg: TrainConfig):
         model, processor = aki.presets.build_tiny(cfg.model.preset, seed=cfg.seed, **overrides)
     else:
         raise ValueError("model needs `pretrained`, `vision_model` + `language_model`, or `preset`.")
+    model.set_attn_implementation(cfg.model.attn_implementation)
     return model, processor
 
 
