@@ -120,45 +120,43 @@ def split_layout(
     # the keys after the last of them, so those keys are gathered once per block.
     window_ids = torch.where(query_valid, window_ids, 0)
     flat = window_ids.flatten()
+    positions = torch.arange(flat.numel(), device=device)
     is_query = flat > 0
     previous = F.pad(flat[:-1], (1, 0))
-    row_start = torch.zeros_like(is_query).view(batch, query_length)
-    row_start[:, 0] = True
-    block_start = is_query & ((previous != flat) | row_start.flatten())
-    block_of_token = block_start.cumsum(0) - 1
+    block_start = is_query & ((previous != flat) | (positions % query_length == 0))
     query_positions = is_query.nonzero().squeeze(1)
-    blocks = block_of_token[query_positions]
+    blocks = (block_start.cumsum(0) - 1)[query_positions]
     num_blocks = int(block_start.sum())
-    block_end = torch.zeros(num_blocks, dtype=torch.long, device=flat.device).scatter_reduce_(
+    block_end = torch.zeros(num_blocks, dtype=torch.long, device=device).scatter_reduce_(
         0, blocks, query_positions, reduce="amax", include_self=False
     )
-    block_window = flat[block_end]
-    block_row = block_end // query_length
 
-    key_positions = (flat < 0).nonzero().squeeze(1)  # sorted, so each window's keys are one run
-    key_window = -flat[key_positions]
-    key_row = key_positions // query_length
-    # A window's keys: the run of key_positions with its (row, window); those after the block.
-    window_key = key_row * (int(flat.abs().max()) + 1) + key_window
-    block_key = block_row * (int(flat.abs().max()) + 1) + block_window
-    window_end = torch.searchsorted(window_key, block_key, right=True)
+    # Question keys in position order: each (row, window) is one run of them.
+    key_positions = (flat < 0).nonzero().squeeze(1)
+    stride = int(flat.abs().max()) + 1
+    window_of_key = (key_positions // query_length) * stride - flat[key_positions]
+    window_of_block = (block_end // query_length) * stride + flat[block_end]
+    run_end = torch.searchsorted(window_of_key, window_of_block, right=True)
     first_after = torch.searchsorted(key_positions, block_end, right=True)
-    key_counts = (window_end - first_after).clamp(min=0)
+    key_counts = (run_end - first_after).clamp(min=0)
+    if not (key_counts > 0).any():
+        none = query_index.new_zeros(0)
+        return SplitLayout(batch, query_length, key_length, query_index, key_index, causal, none, none, None)
 
-    keep = key_counts[blocks] > 0
-    rect_query_positions = query_positions[keep]
-    packed_position = query_valid.flatten().long().cumsum(0) - 1
-    rect_rows = packed_position[rect_query_positions]
-    query_counts = torch.bincount(blocks[keep], minlength=num_blocks)
+    kept = key_counts > 0
+    keep_query = kept[blocks]
+    rect_rows = (query_valid.flatten().long().cumsum(0) - 1)[query_positions[keep_query]]
+    query_counts = torch.bincount(blocks[keep_query], minlength=num_blocks)[kept]
+    key_counts, first_after = key_counts[kept], first_after[kept]
     starts = F.pad(key_counts.cumsum(0), (1, 0))[:-1]
-    total = int(key_counts.sum())
-    offsets = torch.arange(total, device=flat.device) - torch.repeat_interleave(starts, key_counts)
+    offsets = torch.arange(int(key_counts.sum()), device=device) - torch.repeat_interleave(starts, key_counts)
     chosen = key_positions[torch.repeat_interleave(first_after, key_counts) + offsets]
-    chosen_row = chosen // query_length
-    rect_key_index = chosen_row * key_length + past + chosen % query_length
-    cu_q = F.pad(query_counts.cumsum(0), (1, 0)).to(torch.int32)
-    cu_k = F.pad(key_counts.cumsum(0), (1, 0)).to(torch.int32)
-    rectangle = Segments(cu_q, cu_k, int(query_counts.max()), int(key_counts.max()))
+    rect_key_index = (chosen // query_length) * key_length + past + chosen % query_length
+    rectangle = segments(
+        torch.repeat_interleave(torch.arange(len(query_counts), device=device), query_counts),
+        torch.repeat_interleave(torch.arange(len(key_counts), device=device), key_counts),
+        len(key_counts),
+    )
     return SplitLayout(
         batch, query_length, key_length, query_index, key_index, causal, rect_rows, rect_key_index, rectangle
     )
