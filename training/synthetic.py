@@ -48,14 +48,9 @@ def scene(seed: int, index: int, grid: int = 2, most: int = 3) -> list[tuple[str
     return [(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), int(cell)) for cell in cells]
 
 
-def caption_of(objects, grid: int = 2, positions: bool = True) -> str:
-    """"A red circle in the top left and ..." (reading order); without positions, "A blue square and a red circle."
-    (sorted by name, so the caption says what is there but never where)."""
-    if positions:
-        names = CELL_NAMES[grid]
-        parts = [f"a {c} {s} in the {names[cell]}" for c, s, cell in sorted(objects, key=lambda o: o[2])]
-    else:
-        parts = sorted(f"a {c} {s}" for c, s, _ in objects)
+def caption_of(objects, grid: int = 2) -> str:
+    names = CELL_NAMES[grid]
+    parts = [f"a {colour} {shape} in the {names[cell]}" for colour, shape, cell in sorted(objects, key=lambda o: o[2])]
     return " and ".join(parts).capitalize() + "."
 
 
@@ -101,8 +96,7 @@ class ShapesSource:
     """`size` scenes; `stage` "pretrain" gives image-caption pairs, "sft" gives VQA task items.
 
     `grid` is 2 (2x2 cells) or 3 (3x3), `most` the largest number of shapes in a scene, and
-    `kinds` the question kinds of the SFT items (see `QUESTION_KINDS`), and `caption_positions`
-    whether pre-training captions say where each shape is. "count_both" questions
+    `kinds` the question kinds of the SFT items (see `QUESTION_KINDS`). "count_both" questions
     ("How many red circles?") get scenes of their own, whose distractors share the target's
     colour or shape but not both.
     """
@@ -116,10 +110,9 @@ class ShapesSource:
         grid: int = 2,
         most: int = 3,
         kinds: tuple[str, ...] = ("colour_at",),
-        caption_positions: bool = True,
     ):
         self.size, self.seed, self.image_size, self.stage = size, seed, image_size, stage
-        self.grid, self.most, self.kinds, self.caption_positions = grid, most, tuple(kinds), caption_positions
+        self.grid, self.most, self.kinds = grid, most, tuple(kinds)
 
     def __len__(self) -> int:
         return self.size
@@ -133,7 +126,7 @@ class ShapesSource:
             objects = scene(self.seed, index, self.grid, self.most)
         image = draw_scene(objects, self.image_size, self.grid)
         if self.stage == "pretrain":
-            return {"image": image, "text": caption_of(objects, self.grid, self.caption_positions)}
+            return {"image": image, "text": caption_of(objects, self.grid)}
         if kind != "count_both":
             question, answer = question_about(objects, index, self.seed, self.grid, kind)
         return {"task": "vqa", "record": {"image": image, "question": question, "answer": answer}, "image_root": None}
