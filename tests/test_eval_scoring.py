@@ -166,6 +166,19 @@ def test_mmmu_open_questions_become_two_options(tmp_path):
     assert score.columns == {"MMMU": 100.0}
 
 
+def test_mmmu_multiple_choice_truth_that_is_no_option_letter_becomes_a(tmp_path):
+    """VLMEvalKit's answer_map turns a non-letter truth into 'A' and keeps the options as they are."""
+    rows = [
+        {"index": 0, "image": image_b64(0), "question": "Pick one.", "A": "red", "B": "blue", "answer": "blue", "split": "validation", "category": "Art"},
+    ]  # fmt: skip
+    write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", rows)
+    mmmu = get_benchmark("mmmu")
+    records = mmmu.load(tmp_path)
+    assert mmmu.score(records, {"0": "A"}).columns == {"MMMU": 100.0}
+    assert mmmu.score(records, {"0": "It is red"}).columns == {"MMMU": 100.0}  # option A's own text
+    assert mmmu.score(records, {"0": "It is blue"}).columns == {"MMMU": 0.0}  # B's text: wrong, as in VLMEvalKit
+
+
 def test_cvbench_source_macro_and_strict(tmp_path):
     def row(index, source, answer):
         return {

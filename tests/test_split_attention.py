@@ -21,7 +21,9 @@ from aki.split_attention import (
 
 SPLIT = {"text_config": SPLIT_ATTENTION, "vision_config": "sdpa", "": "sdpa"}
 QUESTION = "What colour is the shape?"
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention, compiled flex_attention)")
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention, compiled flex_attention)"
+)
 
 
 def layout_mask(layout, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

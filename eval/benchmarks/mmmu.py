@@ -74,8 +74,8 @@ class MMMU(MCQBenchmark):
         for record in records:
             if not record.options:  # open question (VLMEvalKit's MMMU_preproc)
                 record = replace(record, answer="A", options={"A": record.answer, "B": "Other Answers"})
-            elif record.answer not in record.options:
-                record = replace(record, answer="A", options={**record.options, "A": record.answer})
+            elif record.answer not in record.options:  # VLMEvalKit maps such a truth to 'A', options unchanged
+                record = replace(record, answer="A")
             letter, method = choose(record, predictions[record.index], judge)
             how[method] = how.get(method, 0) + 1
             hits[record.index] = (record.extra.get("split", "validation"), float(letter == record.answer))
