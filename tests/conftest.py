@@ -22,6 +22,12 @@ def tiny_llama():
     return build_tiny("tiny-llama", seed=0)
 
 
+@pytest.fixture(params=["tiny", "tiny-llama"])
+def model_and_processor(request, tiny, tiny_llama):
+    """Each tiny backbone in turn: Phi-3 with the Perceiver, Llama with the MLP connector."""
+    return tiny if request.param == "tiny" else tiny_llama
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny):
     """The tiny model and processor saved as a native folder."""

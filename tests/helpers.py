@@ -20,3 +20,20 @@ def supervised_text(processor, encoded):
     """The decoded tokens an encoded sample takes the loss on."""
     ids = [token for token, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != -100]
     return processor.tokenizer.decode(ids)
+
+
+def packed_caption_and_chat(processor, images, question, answer):
+    """A caption sample and a chat sample packed in one row (position ids restart); returns (packed, parts).
+
+    The caption's image has no assistant header, so the chat's header must not open a window for it.
+    """
+    import torch
+
+    caption = processor(images=images[:1], text="<image>An astronaut.<|endofchunk|>", return_tensors="pt")
+    parts = [caption, encode(processor, chat(question, answer), images[1:2])]
+    packed = {
+        "input_ids": torch.cat([p["input_ids"] for p in parts], dim=1),
+        "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
+        "position_ids": torch.cat([torch.arange(p["input_ids"].shape[1]) for p in parts])[None],
+    }
+    return packed, parts

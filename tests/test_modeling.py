@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import chat, encode
+from helpers import chat, encode, packed_caption_and_chat
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import DynamicCache
 
@@ -31,11 +31,6 @@ def hidden_states(model, inputs, policy):
             return model.model(**inputs).last_hidden_state
     finally:
         model.config.attention_policy = "mma"
-
-
-@pytest.fixture(params=["tiny", "tiny-llama"])
-def model_and_processor(request, tiny, tiny_llama):
-    return tiny if request.param == "tiny" else tiny_llama
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -269,15 +264,8 @@ def test_backbones_apply_the_dense_reference_mask(backbone, implementation, imag
 def test_packed_samples_equal_each_sample_alone(tiny, images, implementation):
     """Two samples in one row (position ids restart) keep their own causal and MMA masks."""
     model, processor = tiny
-    caption = processor(images=images[:1], text="<image>An astronaut.<|endofchunk|>", return_tensors="pt")
-    chat_inputs = encode(processor, chat(QUESTION, "A red square."), images[1:])
-    # The caption's image has no assistant header: the chat's header must not open a window for it.
-    parts = [caption, chat_inputs]
-    packed = {
-        "input_ids": torch.cat([p["input_ids"] for p in parts], dim=1),
-        "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
-        "position_ids": torch.cat([torch.arange(p["input_ids"].shape[1]) for p in parts])[None],
-    }
+    packed, parts = packed_caption_and_chat(processor, images, QUESTION, "A red square.")
+    caption = parts[0]
     windows = model.model.window_ids(packed["input_ids"], document_ids=torch.cat(
         [torch.full((p["input_ids"].shape[1],), i) for i, p in enumerate(parts)])[None])  # fmt: skip
     assert windows[0, : caption["input_ids"].shape[1]].abs().sum() == 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import chat, encode
+from helpers import chat, encode, packed_caption_and_chat
 from test_masking import IMG, LLAMA_MARKER, PHI_MARKER, random_batch, reference_mask
 from transformers import DynamicCache, StaticCache
 
@@ -189,11 +189,6 @@ def assert_same_training_step(model, batch):
         assert torch.allclose(grad, reference_grads[name], atol=1e-5, rtol=1e-4), name
 
 
-@pytest.fixture(params=["tiny", "tiny-llama"])
-def model_and_processor(request, tiny, tiny_llama):
-    return tiny if request.param == "tiny" else tiny_llama
-
-
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_forward_and_gradients_equal_sdpa(model_and_processor, images, padding_side):
     """A padded batch: two images in one turn, and a two-turn chat with one image per turn."""
@@ -219,14 +214,7 @@ def test_forward_and_gradients_equal_sdpa(model_and_processor, images, padding_s
 
 def test_packed_row_equals_sdpa(tiny, images):
     model, processor = tiny
-    caption = processor(images=images[:1], text="<image>An astronaut.<|endofchunk|>", return_tensors="pt")
-    chat_inputs = encode(processor, chat(QUESTION, "A red square."), images[1:])
-    parts = [caption, chat_inputs]
-    packed = {
-        "input_ids": torch.cat([p["input_ids"] for p in parts], dim=1),
-        "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
-        "position_ids": torch.cat([torch.arange(p["input_ids"].shape[1]) for p in parts])[None],
-    }
+    packed, _ = packed_caption_and_chat(processor, images, QUESTION, "A red square.")
     assert_same_training_step(model, packed)
 
 
