@@ -314,6 +314,18 @@ def test_refusals_name_the_problem(tiny, images):
         model.set_attn_implementation("sdpa")
 
 
+def test_flash_kernel_calls_match_torch_shape_rules():
+    """Without a GPU: PyTorch's meta kernels check our FlashAttention-2 calls (arguments, varlen
+    layout, the (h, T) log-sum-exp), forward and backward, with a sliding window."""
+    meta = torch.device("meta")
+    seg = Segments(*(torch.tensor(x, dtype=torch.int32, device=meta) for x in ([0, 70, 200], [0, 90, 260])), 130, 170)
+    q, k, v = (torch.empty(n, 4, 64, device=meta, dtype=torch.bfloat16) for n in (200, 260, 260))
+    out, lse = FlashKernel.forward(q, k, v, seg, True, 0.125, 16)
+    assert out.shape == q.shape and lse.shape == (200, 4) and lse.dtype == torch.float32
+    grads = FlashKernel.backward(torch.empty_like(out), q, k, v, out, lse, seg, True, 0.125, 16)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
 @cuda
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_kernel_equals_the_reference_kernel(causal):
