@@ -312,6 +312,7 @@ def split_attention_forward(
             f"aki_split_layout was built for batch {layout.batch}, {layout.query_length} queries and "
             f"{layout.key_length} keys, but this layer sees {b}, {s} and {t}."
         )
+    # Grouped key/value heads are repeated, so both kernels see plain multi-head attention.
     groups = h // key.shape[1]
     queries = query.transpose(1, 2).reshape(b * s, h, e)
     keys = key.repeat_interleave(groups, dim=1).transpose(1, 2).reshape(b * t, h, e)
