@@ -302,3 +302,12 @@ def test_flex_does_not_recompile_for_new_lengths_within_a_bucket(tiny):
         assert graphs[1] == graphs[0] and graphs[2] == graphs[0]
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def test_the_resampler_starts_as_flamingo_builds_it(tiny):
+    """Latents ~ N(0, 1) and PyTorch's default Linear init (uniform within 1 / sqrt(fan_in)), not N(0, 0.02)."""
+    resampler = tiny[0].model.connector
+    assert 0.8 < resampler.latents.std().item() < 1.2
+    for linear in (module for module in resampler.modules() if isinstance(module, torch.nn.Linear)):
+        bound = 1 / linear.in_features**0.5
+        assert linear.weight.abs().max() <= bound and linear.weight.std() > bound / 2, linear
