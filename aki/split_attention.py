@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 SPLIT_ATTENTION = "aki_split"
 
@@ -63,10 +64,8 @@ class SplitLayout:
     rectangle: Segments | None
 
 
-def segments(query_groups: torch.Tensor, key_groups: torch.Tensor, num_groups: int) -> Segments:
-    """Segments from the (sorted) group id of each packed query and key."""
-    counts_q = torch.bincount(query_groups, minlength=num_groups)
-    counts_k = torch.bincount(key_groups, minlength=num_groups)
+def segments(counts_q: torch.Tensor, counts_k: torch.Tensor) -> Segments:
+    """Segments from the number of queries and keys of each sequence, in packing order."""
     cu_q = F.pad(counts_q.cumsum(0), (1, 0)).to(torch.int32)
     cu_k = F.pad(counts_k.cumsum(0), (1, 0)).to(torch.int32)
     return Segments(cu_q, cu_k, int(counts_q.max()), int(counts_k.max()))
@@ -109,17 +108,32 @@ def split_layout(
         key_group = rows[:, None].expand(batch, key_length)
     query_index = query_valid.flatten().nonzero().squeeze(1)
     key_index = key_padding.flatten().nonzero().squeeze(1)
-    causal = segments(query_group.flatten()[query_index], key_group.flatten()[key_index], batch * per_row)
+    causal = segments(
+        torch.bincount(query_group.flatten()[query_index], minlength=batch * per_row),
+        torch.bincount(key_group.flatten()[key_index], minlength=batch * per_row),
+    )
+    rect_rows = rect_key_index = query_index.new_zeros(0)
+    rectangle = None
+    if window_ids is not None and (window_ids > 0).any():
+        rect_rows, rect_key_index, rectangle = rectangle_layout(window_ids, query_valid, past, key_length)
+    return SplitLayout(
+        batch, query_length, key_length, query_index, key_index, causal, rect_rows, rect_key_index, rectangle
+    )
 
-    if window_ids is None or not (window_ids > 0).any():
-        none = query_index.new_zeros(0)
-        return SplitLayout(batch, query_length, key_length, query_index, key_index, causal, none, none, None)
 
-    # Rectangle pass: one sequence per image block (a run of image tokens of one window), whose
-    # keys are its window's question tokens after the block. Several images in one turn share
-    # the keys after the last of them, so those keys are gathered once per block.
-    window_ids = torch.where(query_valid, window_ids, 0)
-    flat = window_ids.flatten()
+def rectangle_layout(
+    window_ids: torch.Tensor, query_valid: torch.Tensor, past: int, key_length: int
+) -> tuple[torch.Tensor, torch.Tensor, Segments | None]:
+    """The rectangle pass: (rect_rows, rect_key_index, segments), empty when no image has question keys.
+
+    One sequence per image block (a run of image tokens of one window), whose keys are its
+    window's question tokens after the block. Several images in one turn share the keys after the
+    last of them, so those keys are gathered once per block. window_ids and query_valid are
+    (b, s); rect_rows index the real queries in packing order, rect_key_index the flattened
+    (b * t) keys.
+    """
+    query_length, device = window_ids.shape[1], window_ids.device
+    flat = torch.where(query_valid, window_ids, 0).flatten()
     positions = torch.arange(flat.numel(), device=device)
     is_query = flat > 0
     previous = F.pad(flat[:-1], (1, 0))
@@ -139,11 +153,9 @@ def split_layout(
     run_end = torch.searchsorted(window_of_key, window_of_block, right=True)
     first_after = torch.searchsorted(key_positions, block_end, right=True)
     key_counts = (run_end - first_after).clamp(min=0)
-    if not (key_counts > 0).any():
-        none = query_index.new_zeros(0)
-        return SplitLayout(batch, query_length, key_length, query_index, key_index, causal, none, none, None)
-
     kept = key_counts > 0
+    if not kept.any():
+        return query_positions.new_zeros(0), query_positions.new_zeros(0), None
     keep_query = kept[blocks]
     rect_rows = (query_valid.flatten().long().cumsum(0) - 1)[query_positions[keep_query]]
     query_counts = torch.bincount(blocks[keep_query], minlength=num_blocks)[kept]
@@ -152,14 +164,7 @@ def split_layout(
     offsets = torch.arange(int(key_counts.sum()), device=device) - torch.repeat_interleave(starts, key_counts)
     chosen = key_positions[torch.repeat_interleave(first_after, key_counts) + offsets]
     rect_key_index = (chosen // query_length) * key_length + past + chosen % query_length
-    rectangle = segments(
-        torch.repeat_interleave(torch.arange(len(query_counts), device=device), query_counts),
-        torch.repeat_interleave(torch.arange(len(key_counts), device=device), key_counts),
-        len(key_counts),
-    )
-    return SplitLayout(
-        batch, query_length, key_length, query_index, key_index, causal, rect_rows, rect_key_index, rectangle
-    )
+    return rect_rows, rect_key_index, segments(query_counts, key_counts)
 
 
 class ReferenceKernel:
@@ -299,10 +304,7 @@ def split_attention_forward(
                 f"The '{SPLIT_ATTENTION}' attention needs the layout AkiModel builds (aki_split_layout); "
                 "it cannot run a masked or causal module on its own."
             )
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        output = F.scaled_dot_product_attention(query, key, value, scale=scale)
-        return output.transpose(1, 2).contiguous(), None
+        return sdpa_attention_forward(module, query, key, value, None, scaling=scale, is_causal=False)
     if dropout:
         raise ValueError(f"The '{SPLIT_ATTENTION}' attention does not support attention dropout ({dropout}).")
     b, h, s, e = query.shape

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, layout, official_mask, our_mask, peak_memory, print_table, timed, write_csv  # noqa: E402
 
+from aki.masking import mma_mask_function, mma_window_ids  # noqa: E402
+
 HEADS, HEAD_DIM = 8, 64
 DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # FlashAttention needs 16-bit
 
@@ -35,8 +37,6 @@ def eager_attention(q, k, v, additive_mask):
 def bench_masks(batch: int, length: int) -> dict:
     """The official per-sample loop (dense float mask) against ours: the O(s) window ids that flex and
     the model's mask functions read, and the dense boolean mask that sdpa gets."""
-    from aki.masking import mma_window_ids
-
     ids, valid = layout(batch, length)
     official = timed(lambda: official_mask(ids, valid), repeats=3)
     windows = timed(lambda: mma_window_ids(ids, 3, [7], valid), repeats=3)
@@ -50,6 +50,7 @@ def bench_masks(batch: int, length: int) -> dict:
 
 def attention_methods(batch: int, length: int, device: torch.device):
     ids, valid = layout(batch, length)
+    windows = mma_window_ids(ids, 3, [7], valid).to(device)
     bool_mask = our_mask(ids, valid)[:, None].to(device)
     additive = torch.zeros(bool_mask.shape, device=device, dtype=DTYPE).masked_fill(~bool_mask, torch.finfo(DTYPE).min)
     methods = {
@@ -65,9 +66,6 @@ def attention_methods(batch: int, length: int, device: torch.device):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        from aki.masking import mma_mask_function, mma_window_ids
-
-        windows = mma_window_ids(ids, 3, [7], valid).to(device)
         keys = valid.bool().to(device)
         overlay = mma_mask_function(windows)
 
@@ -80,10 +78,8 @@ def attention_methods(batch: int, length: int, device: torch.device):
     except Exception as error:  # noqa: BLE001 - report, do not fail the other measurements
         print(f"flex_attention unavailable: {error}")
     if device.type == "cuda":  # the split path's CPU kernel is a dense reference, not worth timing
-        from aki.masking import mma_window_ids
         from aki.split_attention import split_attention_forward, split_layout
 
-        windows = mma_window_ids(ids, 3, [7], valid).to(device)
         for name, window_ids in (
             ("causal split (FlashAttention-2 varlen)", None),
             ("mma split (FA2 + rectangle)", windows),
