@@ -4,7 +4,8 @@ For each seed, a tiny AKI is pre-trained on captions of synthetic shape scenes (
 instruction-tuned twice from that checkpoint, once with causal attention and once with MMA, and
 both are evaluated on held-out questions. Every step runs the real code paths: `training.train`
 for both stages and `eval.run` for the scores. The demo prints accuracy per policy (mean and
-spread over seeds), and writes a bar chart, the two attention masks and an attention map.
+spread over seeds) and the paired gap with its 95% interval, and writes a bar chart (a line per
+seed), the two attention masks and an attention map.
 
     python -m aki.demo [--seeds 5] [--quick] [--out outputs/demo]
 """
@@ -70,11 +71,40 @@ def mean_and_spread(values: list[float]) -> dict:
     }
 
 
+def paired_interval(gaps: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval of the mean paired gap; None for a single seed."""
+    if len(gaps) < 2:
+        return None
+    from scipy.stats import t
+
+    half = float(t.ppf((1 + confidence) / 2, len(gaps) - 1)) * statistics.stdev(gaps) / len(gaps) ** 0.5
+    mean = statistics.mean(gaps)
+    return mean - half, mean + half
+
+
 def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, dict]:
     """Accuracy per policy, and the paired gap: both policies of a seed share its pre-training and data."""
     summary = {policy: mean_and_spread([scores[policy] for scores in per_seed.values()]) for policy in POLICIES}
-    summary["gap"] = mean_and_spread([scores["mma"] - scores["causal"] for scores in per_seed.values()])
+    gaps = [scores["mma"] - scores["causal"] for scores in per_seed.values()]
+    summary["gap"] = {**mean_and_spread(gaps), "ci95": paired_interval(gaps)}
     return summary
+
+
+def verdict(gap: dict) -> str:
+    """What the seeds say about the gap, in one sentence."""
+    wins, count = sum(v > 0 for v in gap["seeds"]), len(gap["seeds"])
+    if gap["ci95"] is None:
+        return "One seed gives no interval: run more seeds (--seeds 5) to measure the gap."
+    low, high = gap["ci95"]
+    interval = (
+        f"MMA is ahead in {wins} of {count} seeds; "
+        f"95% interval of the mean gap (paired t, {count - 1} df): [{low:+.1f}, {high:+.1f}]"
+    )
+    if low > 0:
+        return interval + ", above zero: MMA scores higher."
+    if high < 0:
+        return interval + ", below zero: causal scores higher."
+    return interval + ", which contains zero: these seeds do not separate the two policies."
 
 
 def table(summary: dict, seeds: list[int]) -> str:
@@ -89,8 +119,7 @@ def table(summary: dict, seeds: list[int]) -> str:
     gap = summary["gap"]
     per = ", ".join(f"{v:+.1f}" for v in gap["seeds"])
     lines.append(f"| MMA - causal (same seed) | {gap['mean']:+.1f} ± {gap['std']:.1f} | {per} |")
-    wins = sum(v > 0 for v in gap["seeds"])
-    lines.append(f"\nMMA is ahead in {wins} of {len(seeds)} seeds (seeds {seeds}).")
+    lines.append(f"\n{verdict(gap)} Seeds: {seeds}.")
     return "\n".join(lines)
 
 
@@ -104,10 +133,9 @@ def bar_chart(summary: dict, path: Path, title: str) -> None:
     means = [summary[p]["mean"] for p in POLICIES]
     errors = [summary[p]["std"] for p in POLICIES]
     axis.bar(POLICIES, means, yerr=errors, capsize=6, color=["#8c8c8c", "#2e8b57"])
-    for policy_index, policy in enumerate(POLICIES):
-        axis.scatter(
-            [policy_index] * len(summary[policy]["seeds"]), summary[policy]["seeds"], color="black", s=12, zorder=3
-        )
+    # One line per seed: both policies share that seed's pre-training and data.
+    for causal, mma in zip(summary["causal"]["seeds"], summary["mma"]["seeds"], strict=True):
+        axis.plot([0, 1], [causal, mma], color="black", marker="o", markersize=3, linewidth=0.8, zorder=3)
     axis.set_ylabel("held-out accuracy (%)")
     axis.set_ylim(0, 100)
     axis.set_title(title, fontsize=9)

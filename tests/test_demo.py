@@ -53,6 +53,25 @@ def test_draw_scene_places_shapes_in_their_cells():
     assert colour_at(image, 4, 3) == "red" and colour_at(image, 0, 3) is None
 
 
+def test_the_gap_interval_is_students_t_over_the_paired_seeds():
+    from aki.demo import paired_interval, summarise, verdict
+
+    low, high = paired_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2 df) = 4.3027
+    assert low == pytest.approx(2 - 4.3027 / 3**0.5, abs=1e-3) and high == pytest.approx(2 + 4.3027 / 3**0.5, abs=1e-3)
+    assert paired_interval([4.0]) is None
+
+    def said(causal, mma):
+        per_seed = {seed: {"causal": c, "mma": m} for seed, (c, m) in enumerate(zip(causal, mma, strict=True))}
+        return verdict(summarise(per_seed)["gap"])
+
+    assert "above zero: MMA scores higher" in said([50, 60, 70], [55, 64, 76])
+    assert "below zero: causal scores higher" in said([50, 60, 70], [45, 56, 64])
+    assert "contains zero" in said([50, 60, 70], [55, 56, 71]) and "ahead in 2 of 3 seeds" in said(
+        [50, 60, 70], [55, 56, 71]
+    )
+    assert said([50], [55]).startswith("One seed")
+
+
 def test_quick_demo_produces_the_table_and_the_pictures(tmp_path):
     from aki.demo import main
 
