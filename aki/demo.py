@@ -7,7 +7,7 @@ for both stages and `eval.run` for the scores. The demo prints accuracy per poli
 spread over seeds) and the paired gap with its 95% interval, and writes a bar chart (a line per
 seed), the two attention masks and an attention map.
 
-    python -m aki.demo [--seeds 5] [--quick] [--out outputs/demo]
+    python -m aki.demo [--seeds 5] [--quick] [--out outputs/demo] [--language-model DIR]
 """
 
 import argparse
@@ -27,17 +27,24 @@ POLICIES = ("causal", "mma")
 QUICK = {"pretrain_steps": 8, "sft_steps": 8, "eval_size": 24}
 
 
-def run_seed(seed: int, out: Path, quick: bool) -> dict[str, float]:
-    """Pre-train once, instruction-tune with each policy, evaluate both; returns {policy: accuracy}."""
+def run_seed(seed: int, out: Path, quick: bool, language_model: str | None = None) -> dict[str, float]:
+    """Pre-train once, instruction-tune with each policy, evaluate both; returns {policy: accuracy}.
+
+    With `language_model` (a causal LM folder) the tiny vision tower and connector are trained in
+    front of that pretrained LM, with the `demo_lm_*` recipe.
+    """
     from eval.benchmarks import get_benchmark
     from eval.run import evaluate
     from training.config import load_config
     from training.train import train
 
+    recipe = "demo_lm" if language_model else "demo"
     pretrain_overrides = {"output_dir": str(out / f"seed{seed}" / "pretrain"), "seed": seed, "save_every": 0}
+    if language_model:
+        pretrain_overrides["model.language_model"] = language_model
     if quick:
         pretrain_overrides["max_steps"] = QUICK["pretrain_steps"]
-    pretrain = load_config(CONFIGS / "demo_pretrain.yaml", pretrain_overrides)
+    pretrain = load_config(CONFIGS / f"{recipe}_pretrain.yaml", pretrain_overrides)
     train(pretrain)
     scores = {}
     for policy in POLICIES:
@@ -51,7 +58,7 @@ def run_seed(seed: int, out: Path, quick: bool) -> dict[str, float]:
         }
         if quick:
             overrides["max_steps"] = QUICK["sft_steps"]
-        sft = load_config(CONFIGS / "demo_sft.yaml", overrides)
+        sft = load_config(CONFIGS / f"{recipe}_sft.yaml", overrides)
         train(sft)
         export = folder / "final"
         (export / "shapes.json").write_text(json.dumps(sft.data[0].options))  # the held-out questions match training
@@ -165,13 +172,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--quick", action="store_true", help="a few steps and one seed: checks the pipeline, not the gap"
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
+    parser.add_argument(
+        "--language-model",
+        help="a pretrained causal LM folder (Phi-3, Llama, Qwen2, ...) to use instead of the tiny random one",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(1 if args.quick else args.seeds))
 
-    per_seed = {seed: run_seed(seed, args.out, args.quick) for seed in seeds}
+    per_seed = {seed: run_seed(seed, args.out, args.quick, args.language_model) for seed in seeds}
     summary = summarise(per_seed)
     elapsed = time.perf_counter() - started
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -188,11 +199,18 @@ def main(argv: list[str] | None = None) -> dict:
     question = "Answer the question using a single word or phrase. " + example["question"]
     masks = draw_masks(model, processor, example["image"], question, args.out)
     attention_map = save_attention_maps(model, processor, example["image"], question, args.out / "attention_map.png")
-    title = f"Tiny AKI, {len(seeds)} seed(s), {'quick' if args.quick else 'full'} run"
+    backbone = f"{Path(args.language_model).name} backbone" if args.language_model else "Tiny AKI"
+    title = f"{backbone}, {len(seeds)} seed(s), {'quick' if args.quick else 'full'} run"
     bar_chart(summary, args.out / "accuracy.png", title)
 
     report = table(summary, seeds)
-    results = {"summary": summary, "per_seed": per_seed, "elapsed_s": elapsed, "quick": args.quick}
+    results = {
+        "summary": summary,
+        "per_seed": per_seed,
+        "elapsed_s": elapsed,
+        "quick": args.quick,
+        "language_model": args.language_model,
+    }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(report + "\n")
     print("\n" + report)

@@ -248,6 +248,7 @@ PRESETS: dict[str, dict] = {
     "aki-llama3.2-3b": {
         "vision_config": {"model_type": "siglip_vision_model", **SIGLIP_SO400M_384},
         "text_config": LLAMA32_3B,
+        "tie_word_embeddings": True,  # as Llama-3.2-3B's; transformers ties by the top-level flag
         "connector_type": "perceiver",
         "image_token_id": 128256,
         "assistant_marker_ids": [128006, 78191, 128007],
@@ -332,6 +333,23 @@ def processor_from_preset(name: str, config: AkiConfig | None = None) -> AkiProc
     )
 
 
+CONNECTOR_FIELDS = (
+    "connector_type",
+    "perceiver_num_latents",
+    "perceiver_depth",
+    "perceiver_heads",
+    "perceiver_head_dim",
+    "perceiver_ff_mult",
+)
+
+
+def vision_and_connector(name: str, **overrides) -> tuple[dict, dict]:
+    """A preset's vision config and connector fields (after `overrides`), to build in front of a
+    pretrained language model with `aki.assemble.from_parts`."""
+    config = config_from_preset(name, **overrides)
+    return config.vision_config.to_dict(), {field: getattr(config, field) for field in CONNECTOR_FIELDS}
+
+
 def build_tiny(name: str = "tiny", seed: int = 0, **overrides):
     """A randomly initialised tiny model and its processor: `(model, processor)`."""
     from .modeling_aki import AkiForConditionalGeneration
@@ -342,4 +360,11 @@ def build_tiny(name: str = "tiny", seed: int = 0, **overrides):
     return model, processor_from_preset(name, config)
 
 
-__all__ = ["PRESETS", "config_from_preset", "processor_from_preset", "build_tiny", "build_tiny_tokenizer"]
+__all__ = [
+    "PRESETS",
+    "config_from_preset",
+    "processor_from_preset",
+    "vision_and_connector",
+    "build_tiny",
+    "build_tiny_tokenizer",
+]

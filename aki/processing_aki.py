@@ -52,6 +52,16 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
+# ChatML, for Qwen2 backbones and other ChatML tokenizers (SmolLM): the marker is `<|im_start|>assistant`.
+CHATML_CHAT_TEMPLATE = (
+    _SYSTEM + "{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}" + _CONTENT + "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
 class AkiImageProcessor(SiglipImageProcessorPil):
     """SPEC section 2: bicubic resize to a 384 square (aspect ratio not kept), [0, 1], mean 0.5 std 0.5.
 
@@ -138,4 +148,11 @@ class AkiProcessor(ProcessorMixin):
         return self(images=image, text=prompt, return_tensors="pt")
 
 
-__all__ = ["AkiImageProcessor", "AkiProcessor", "PHI3_CHAT_TEMPLATE", "LLAMA3_CHAT_TEMPLATE", "AKI_SYSTEM_PROMPT"]
+__all__ = [
+    "AkiImageProcessor",
+    "AkiProcessor",
+    "PHI3_CHAT_TEMPLATE",
+    "LLAMA3_CHAT_TEMPLATE",
+    "CHATML_CHAT_TEMPLATE",
+    "AKI_SYSTEM_PROMPT",
+]

@@ -37,3 +37,22 @@ def packed_caption_and_chat(processor, images, question, answer):
         "position_ids": torch.cat([torch.arange(p["input_ids"].shape[1]) for p in parts])[None],
     }
     return packed, parts
+
+
+def save_tiny_qwen2(folder):
+    """A tiny random Qwen2 causal LM and a ChatML tokenizer (`<|im_start|>`, `<|im_end|>`), saved as a
+    pretrained LM folder is, with a base model's EOS (`<|endoftext|>`). Returns the tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from aki.presets import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer

@@ -1,8 +1,10 @@
-"""A fresh AKI from a pretrained SigLIP and a pretrained Phi-3 (what pre-training starts from)."""
+"""A fresh AKI around a pretrained language model (what pre-training starts from): from a
+pretrained SigLIP, or a fresh vision tower of a given config."""
 
+import pytest
 import torch
 from reference.phi_tokenizer import phi_like_tokenizer
-from transformers import Phi3Config, Phi3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import Phi3Config, Phi3ForCausalLM, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 import aki
 
@@ -45,3 +47,55 @@ def test_from_parts_copies_weights_and_adds_the_official_tokens(tmp_path, images
     assert (model.model.window_ids(inputs["input_ids"]) > 0).sum() == 4
     with torch.no_grad():
         assert model(**inputs).logits.shape[-1] == 32014
+
+
+def test_a_fresh_vision_tower_in_front_of_a_pretrained_qwen2_speaks_chatml(tmp_path, images):
+    from helpers import chat, save_tiny_qwen2, supervised_text
+
+    from training.encode import encode_conversation
+
+    save_tiny_qwen2(tmp_path / "qwen2")
+    language = Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen2")
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 48, "patch_size": 16}  # fmt: skip
+    model, processor = aki.assemble.from_parts(vision, str(tmp_path / "qwen2"), connector_type="mlp")
+    tokenizer = processor.tokenizer
+
+    assert model.config.vision_config.image_size == 48 and model.config.num_image_tokens == 9
+    assert model.config.assistant_marker_ids == tokenizer.encode("<|im_start|>assistant", add_special_tokens=False)
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert model.generation_config.eos_token_id == sorted([im_end, endoftext])  # the base EOS and the answer's end
+    mlp = "layers.1.mlp.down_proj.weight"
+    assert torch.equal(model.model.language_model.state_dict()[mlp], language.model.state_dict()[mlp])
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied, as Qwen2's
+
+    prompt = processor.apply_chat_template(chat("What colour?"), add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>user\n<image>\nWhat colour?<|im_end|>\n<|im_start|>assistant\n")
+    encoded = encode_conversation(processor, chat("What colour?", "red"), images[:1], max_length=128)
+    assert supervised_text(processor, encoded) == "red<|im_end|>\n"
+    # MMA: the image tokens attend to the question, never to the answer.
+    from aki.masking import dense_attention_mask
+
+    ids = torch.tensor([encoded.input_ids])
+    allowed = dense_attention_mask(model.model.window_ids(ids), torch.ones_like(ids), "mma")[0]
+    image = (ids[0] == model.config.image_token_id).nonzero().flatten()
+    question = torch.tensor(
+        [i for i, t in enumerate(encoded.input_ids) if t in tokenizer.encode("What colour?", add_special_tokens=False)]
+    )
+    answer = torch.tensor([i for i, label in enumerate(encoded.labels) if label != -100])
+    assert allowed[image[0]][question].all() and not allowed[image][:, answer].any()
+
+
+def test_the_chat_format_follows_the_family_then_the_tokenizer():
+    from types import SimpleNamespace
+
+    def speaking(*tokens):
+        return SimpleNamespace(get_vocab=lambda: {token: index for index, token in enumerate(tokens)})
+
+    chat_format = aki.assemble.chat_format
+    assert chat_format("llama", speaking("<|start_header_id|>", "<|im_start|>")) == "llama3"
+    assert chat_format("llama", speaking("<|im_start|>", "<|im_end|>")) == "chatml"  # SmolLM
+    assert chat_format("qwen2", speaking("<|im_start|>", "<|assistant|>")) == "chatml"
+    assert chat_format("mistral", speaking("<|assistant|>")) == "phi3"
+    with pytest.raises(ValueError, match=r"none of .*<\|im_start\|>"):
+        chat_format("gpt2", speaking("hello"))

@@ -91,6 +91,23 @@ def test_quick_demo_produces_the_table_and_the_pictures(tmp_path):
     assert len(predictions) == 24 and json.loads(predictions[0])["index"] == "0"
 
 
+def test_quick_demo_around_a_pretrained_language_model(tmp_path):
+    from helpers import save_tiny_qwen2
+
+    from aki.demo import main
+
+    tokenizer = save_tiny_qwen2(tmp_path / "qwen2")
+    results = main(["--quick", "--out", str(tmp_path / "demo"), "--language-model", str(tmp_path / "qwen2")])
+    assert results["language_model"] == str(tmp_path / "qwen2") and set(results["per_seed"][0]) == {"causal", "mma"}
+    export = tmp_path / "demo" / "seed0" / "sft_mma" / "final"
+    config = json.loads((export / "config.json").read_text())
+    assert config["text_config"]["model_type"] == "qwen2" and config["attention_policy"] == "mma"
+    generation = json.loads((export / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]  # answers stop at ChatML's end
+    predictions = (export.parent / "eval" / "shapes" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 24 and (tmp_path / "demo" / "accuracy.png").stat().st_size > 0
+
+
 def test_aki_chat_streams_the_answer(tiny_checkpoint, images, tmp_path, capsys):
     from aki.cli import Chat, interactive, load, main
 

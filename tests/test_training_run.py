@@ -187,3 +187,24 @@ def test_deepspeed_checkpoint_resumes_exactly(tmp_path):
     resumed, expected = losses(tmp_path / "ds"), losses(single)
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_a_pretrained_language_model_gets_the_presets_vision_tower_and_connector(tmp_path):
+    from helpers import save_tiny_qwen2
+
+    from training.train import build_model
+
+    save_tiny_qwen2(tmp_path / "qwen2")
+    language = {"output_dir": str(tmp_path / "out"), "model.language_model": str(tmp_path / "qwen2")}
+    model, processor = build_model(load_config(ROOT / "configs" / "demo_lm_pretrain.yaml", language))
+    config = model.config
+    assert config.text_config.model_type == "qwen2" and config.attention_policy == "causal"
+    assert config.vision_config.image_size == 48 and config.connector_type == "mlp" and config.num_image_tokens == 9
+    assert processor.num_image_tokens == 9 and processor.image_processor.size["height"] == 48
+
+    model, _ = build_model(load_config(ROOT / "configs" / "tiny_pretrain.yaml", language))
+    assert model.config.connector_type == "perceiver" and model.config.perceiver_num_latents == 8  # the tiny preset's
+    with pytest.raises(ValueError, match="text_config"):
+        build_model(
+            load_config(ROOT / "configs" / "tiny_pretrain.yaml", {**language, "model.overrides": {"text_config": {}}})
+        )

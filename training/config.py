@@ -13,13 +13,18 @@ TRAINABLE_PARTS = ("connector", "connector+llm", "all", "lora")
 
 @dataclass
 class ModelConfig:
-    """Where the model comes from: a preset (random init), a native checkpoint, or two pretrained parts."""
+    """Where the model comes from: a native checkpoint, a pretrained language model, or a preset.
+
+    With `language_model` (a causal LM folder) the AKI is new: its vision tower comes from the
+    `vision_model` folder or, without one, is a fresh tower of the preset's vision config; the
+    connector is the preset's, after `overrides`.
+    """
 
     preset: str | None = "tiny"
     overrides: dict = field(default_factory=dict)  # AkiConfig fields for a preset, e.g. perceiver_num_latents
     pretrained: str | None = None  # a native AKI folder (e.g. the pre-training export)
-    vision_model: str | None = None  # a SigLIP folder, with `language_model`, for a fresh AKI
-    language_model: str | None = None
+    vision_model: str | None = None  # a SigLIP folder
+    language_model: str | None = None  # a causal LM folder (Phi-3, Llama, Qwen2, ...)
     attention_policy: str | None = None  # overrides the checkpoint's; pretrain forces "causal"
     attn_implementation: str = "sdpa"  # eager | sdpa | flex_attention | aki_split (FlashAttention-2 on CUDA)
     trainable: str = "connector+llm"  # connector | connector+llm | all | lora

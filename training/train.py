@@ -36,7 +36,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.config import TrainConfig, load_config  # noqa: E402
+from training.config import ModelConfig, TrainConfig, load_config  # noqa: E402
 from training.data import TrainStream, build_source, sample_encoder, supervised_tokens, tokens_in  # noqa: E402
 
 logger = logging.getLogger("aki.train")
@@ -92,8 +92,24 @@ def all_counter(counter: Counter, device: torch.device) -> Counter:
 # ----------------------------------------------------------------------------- model
 
 
+def assembly_parts(model: ModelConfig) -> tuple[str | dict, dict]:
+    """For an AKI assembled around `model.language_model`: its vision tower (a SigLIP folder, or
+    the preset's vision config for a fresh tower) and its connector fields (the preset's, and `overrides`)."""
+    import aki
+
+    if "text_config" in model.overrides:
+        raise ValueError("`overrides.text_config` cannot reshape a pretrained `language_model`.")
+    if model.vision_model:
+        if "vision_config" in model.overrides:
+            raise ValueError("`overrides.vision_config` cannot reshape a pretrained `vision_model`.")
+        return model.vision_model, dict(model.overrides)
+    if not model.preset:
+        raise ValueError("`language_model` needs a `vision_model` folder or a `preset` whose vision tower to build.")
+    return aki.presets.vision_and_connector(model.preset, **model.overrides)
+
+
 def build_model(cfg: TrainConfig):
-    """(model, processor) from a preset, a native checkpoint, or a vision and a language model."""
+    """(model, processor) from a native checkpoint, a pretrained language model (see `ModelConfig`), or a preset."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import aki
@@ -103,16 +119,18 @@ def build_model(cfg: TrainConfig):
         model = AutoModelForImageTextToText.from_pretrained(cfg.model.pretrained, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(cfg.model.pretrained)
         model.config.attention_policy = policy
-    elif cfg.model.vision_model and cfg.model.language_model:
+    elif cfg.model.language_model:
+        torch.manual_seed(cfg.seed)  # the connector's (and a preset vision tower's) initialisation
+        vision, connector = assembly_parts(cfg.model)
         model, processor = aki.assemble.from_parts(
-            cfg.model.vision_model, cfg.model.language_model, attention_policy=policy
+            vision, cfg.model.language_model, attention_policy=policy, **connector
         )
     elif cfg.model.preset:
         torch.manual_seed(cfg.seed)
         overrides = {**cfg.model.overrides, "attention_policy": policy}
         model, processor = aki.presets.build_tiny(cfg.model.preset, seed=cfg.seed, **overrides)
     else:
-        raise ValueError("model needs `pretrained`, `vision_model` + `language_model`, or `preset`.")
+        raise ValueError("model needs `pretrained`, `language_model` (with `vision_model` or a preset's), or `preset`.")
     model.set_attn_implementation(cfg.model.attn_implementation)
     return model, processor
 
