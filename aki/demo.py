@@ -1,11 +1,12 @@
 """`make demo`: the paper's Table 1 in miniature, on a laptop CPU with nothing downloaded.
 
-For each seed, a tiny AKI is pre-trained on captions of synthetic shape scenes (causal), then
-instruction-tuned twice from that checkpoint, once with causal attention and once with MMA, and
-both are evaluated on held-out questions. Every step runs the real code paths: `training.train`
-for both stages and `eval.run` for the scores. The demo prints accuracy per policy (mean and
-spread over seeds) and the paired gap with its 95% interval, and writes a bar chart (a line per
-seed), the two attention masks and an attention map.
+For each seed, the tiny language model first learns language: questions about shape scenes
+described in words (the paper's backbone arrives pretrained). The tiny AKI is then pre-trained on
+captions of synthetic shape scenes (causal), instruction-tuned twice from that checkpoint, once
+with causal attention and once with MMA, and both are evaluated on held-out questions. Every step
+runs the real code paths: `training.train` for each stage and `eval.run` for the scores. The
+demo prints accuracy per policy (mean and spread over seeds) and the paired gap with its 95%
+interval, and writes a bar chart (a line per seed), the two attention masks and an attention map.
 
     python -m aki.demo [--seeds 5] [--quick] [--out outputs/demo] [--language-model DIR]
 """
@@ -24,49 +25,52 @@ from .masking import dense_attention_mask, render_mask, token_roles
 logger = logging.getLogger("aki.demo")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 POLICIES = ("causal", "mma")
-QUICK = {"pretrain_steps": 8, "sft_steps": 8, "eval_size": 24}
+QUICK_STEPS, QUICK_EVAL_SIZE = 8, 24
 
 
 def run_seed(seed: int, out: Path, quick: bool, language_model: str | None = None) -> dict[str, float]:
-    """Pre-train once, instruction-tune with each policy, evaluate both; returns {policy: accuracy}.
+    """Train and evaluate one seed; returns {policy: accuracy}.
 
-    With `language_model` (a causal LM folder) the tiny vision tower and connector are trained in
-    front of that pretrained LM, with the `demo_lm_*` recipe.
+    Language pre-training (text only), caption pre-training (causal), then instruction tuning
+    twice from that checkpoint, once per policy, and evaluation of both. With `language_model` (a
+    pretrained causal LM folder) the language stage is skipped: the tiny vision tower and
+    connector are trained in front of that LM, with the `demo_lm_*` recipe.
     """
     from eval.benchmarks import get_benchmark
     from eval.run import evaluate
     from training.config import load_config
     from training.train import train
 
-    recipe = "demo_lm" if language_model else "demo"
-    pretrain_overrides = {"output_dir": str(out / f"seed{seed}" / "pretrain"), "seed": seed, "save_every": 0}
+    folder = out / f"seed{seed}"
+
+    def stage(config: str, name: str, **overrides):
+        overrides = {"output_dir": str(folder / name), "seed": seed, "save_every": 0, **overrides}
+        if quick:
+            overrides["max_steps"] = QUICK_STEPS
+        cfg = load_config(CONFIGS / config, overrides)
+        train(cfg)
+        return cfg, folder / name / "final"
+
     if language_model:
-        pretrain_overrides["model.language_model"] = language_model
-    if quick:
-        pretrain_overrides["max_steps"] = QUICK["pretrain_steps"]
-    pretrain = load_config(CONFIGS / f"{recipe}_pretrain.yaml", pretrain_overrides)
-    train(pretrain)
+        recipe = "demo_lm"
+        _, pretrained = stage("demo_lm_pretrain.yaml", "pretrain", **{"model.language_model": language_model})
+    else:
+        recipe = "demo"
+        _, language = stage("demo_language.yaml", "language")
+        _, pretrained = stage("demo_pretrain.yaml", "pretrain", **{"model.pretrained": str(language)})
     scores = {}
     for policy in POLICIES:
-        folder = out / f"seed{seed}" / f"sft_{policy}"
-        overrides = {
-            "output_dir": str(folder),
-            "seed": seed,
-            "save_every": 0,
-            "model.pretrained": str(Path(pretrain.output_dir) / "final"),
-            "model.attention_policy": policy,
-        }
-        if quick:
-            overrides["max_steps"] = QUICK["sft_steps"]
-        sft = load_config(CONFIGS / f"{recipe}_sft.yaml", overrides)
-        train(sft)
-        export = folder / "final"
+        sft, export = stage(
+            f"{recipe}_sft.yaml",
+            f"sft_{policy}",
+            **{"model.pretrained": str(pretrained), "model.attention_policy": policy},
+        )
         (export / "shapes.json").write_text(json.dumps(sft.data[0].options))  # the held-out questions match training
-        shapes = get_benchmark("shapes")
-        limit = QUICK["eval_size"] if quick else None
-        result = evaluate(str(export), ["shapes"], export, folder / "eval", limit=limit, batch_size=32)
+        limit = QUICK_EVAL_SIZE if quick else None
+        result = evaluate(str(export), ["shapes"], export, export.parent / "eval", limit=limit, batch_size=32)
         scores[policy] = result["shapes"].columns["Shapes"]
-        logger.info("seed %d, %s: %.1f%% on %s held-out questions", seed, policy, scores[policy], limit or shapes.size)
+        held_out = limit or get_benchmark("shapes").size
+        logger.info("seed %d, %s: %.1f%% on %s held-out questions", seed, policy, scores[policy], held_out)
     return scores
 
 

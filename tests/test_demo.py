@@ -5,12 +5,14 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from training.synthetic import (
     CELL_NAMES,
     COLOURS,
     NUMBERS,
     ShapesSource,
+    caption_of,
     draw_scene,
     question_about,
     question_kind,
@@ -46,6 +48,27 @@ def test_scenes_are_deterministic_and_answers_match_the_picture(grid):
             assert answer == NUMBERS[sum(v == question.split()[2] for v in seen.values())]
     other_seed = ShapesSource(50, 4, stage="sft", grid=grid, most=3, image_size=48, kinds=kinds)
     assert any(other_seed[i]["record"]["question"] != first[i]["record"]["question"] for i in range(50))
+
+
+def test_text_items_describe_the_scene_before_the_question():
+    import re
+
+    described = ShapesSource(60, 3, stage="sft", grid=3, most=3, modality="text")
+    pictured = ShapesSource(60, 3, stage="sft", grid=3, most=3, image_size=48)
+    for index in range(60):
+        item = described[index]
+        assert item["task"] == "llava" and "image" not in item["record"]
+        user, assistant = item["record"]["conversations"]
+        description, question = user["value"].split("\n")
+        assert description == "Scene: " + caption_of(scene(3, index, 3, 3), 3)
+        assert (
+            question == pictured[index]["record"]["question"]
+            and assistant["value"] == pictured[index]["record"]["answer"]
+        )
+        cell = question.removeprefix("What colour is the shape in the ").rstrip("?")
+        assert re.search(rf"a {assistant['value']} \w+ in the {cell}( and|\.)", description, re.IGNORECASE)
+    with pytest.raises(ValueError, match="modality"):
+        ShapesSource(4, 0, stage="pretrain", modality="text")
 
 
 def test_draw_scene_places_shapes_in_their_cells():
@@ -89,6 +112,10 @@ def test_quick_demo_produces_the_table_and_the_pictures(tmp_path):
     )
     predictions = (tmp_path / "seed0" / "sft_mma" / "eval" / "shapes" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 24 and json.loads(predictions[0])["index"] == "0"
+    # Each stage starts from the one before: language -> captions -> both SFT runs.
+    for stage, parent in (("pretrain", "language"), ("sft_causal", "pretrain"), ("sft_mma", "pretrain")):
+        config = yaml.safe_load((tmp_path / "seed0" / stage / "config.yaml").read_text())
+        assert config["model"]["pretrained"] == str(tmp_path / "seed0" / parent / "final"), stage
 
 
 def test_quick_demo_around_a_pretrained_language_model(tmp_path):

@@ -1,8 +1,9 @@
 """Coloured shapes on a grid, generated on the fly: data for tiny runs that needs no download.
 
 Each item is a pure function of (seed, index). Pre-training items are captions that list every
-shape; SFT items ask about one shape through the paper's VQA template. `write_webdataset` and
-`write_llava_json` save the same items in the public formats, for the file readers' tests.
+shape; SFT items ask about one shape through the paper's VQA template, or (text modality) ask
+about a scene described in words. `write_webdataset` and `write_llava_json` save the same items
+in the public formats, for the file readers' tests.
 """
 
 import io
@@ -98,7 +99,9 @@ class ShapesSource:
     `grid` is 2 (2x2 cells) or 3 (3x3), `most` the largest number of shapes in a scene, and
     `kinds` the question kinds of the SFT items (see `QUESTION_KINDS`). "count_both" questions
     ("How many red circles?") get scenes of their own, whose distractors share the target's
-    colour or shape but not both.
+    colour or shape but not both. `modality="text"` gives text-only SFT items instead: the scene
+    described in words ("Scene: " and its caption), then the question, as an AKI prompt puts the
+    image before the question (the demo's language pre-training).
     """
 
     def __init__(
@@ -110,9 +113,12 @@ class ShapesSource:
         grid: int = 2,
         most: int = 3,
         kinds: tuple[str, ...] = ("colour_at",),
+        modality: str = "image",
     ):
+        if modality not in ("image", "text") or (modality == "text" and stage != "sft"):
+            raise ValueError(f"modality must be 'image', or 'text' for SFT items; got {modality!r} for {stage!r}.")
         self.size, self.seed, self.image_size, self.stage = size, seed, image_size, stage
-        self.grid, self.most, self.kinds = grid, most, tuple(kinds)
+        self.grid, self.most, self.kinds, self.modality = grid, most, tuple(kinds), modality
 
     def __len__(self) -> int:
         return self.size
@@ -124,11 +130,15 @@ class ShapesSource:
             question, answer = f"How many {colour} {shape}s are there?", NUMBERS[count]
         else:
             objects = scene(self.seed, index, self.grid, self.most)
-        image = draw_scene(objects, self.image_size, self.grid)
         if self.stage == "pretrain":
-            return {"image": image, "text": caption_of(objects, self.grid)}
+            return {"image": draw_scene(objects, self.image_size, self.grid), "text": caption_of(objects, self.grid)}
         if kind != "count_both":
             question, answer = question_about(objects, index, self.seed, self.grid, kind)
+        if self.modality == "text":
+            described = f"Scene: {caption_of(objects, self.grid)}\n{question}"
+            turns = [{"from": "human", "value": described}, {"from": "gpt", "value": answer}]
+            return {"task": "llava", "record": {"conversations": turns}, "image_root": None}
+        image = draw_scene(objects, self.image_size, self.grid)
         return {"task": "vqa", "record": {"image": image, "question": question, "answer": answer}, "image_root": None}
 
 
