@@ -204,6 +204,8 @@ def test_a_pretrained_language_model_gets_the_presets_vision_tower_and_connector
 
     model, _ = build_model(load_config(ROOT / "configs" / "tiny_pretrain.yaml", language))
     assert model.config.connector_type == "perceiver" and model.config.perceiver_num_latents == 8  # the tiny preset's
+    with pytest.raises(ValueError, match="needs a `language_model`"):
+        build_model(load_config(ROOT / "configs" / "tiny_pretrain.yaml", {"model.vision_model": str(tmp_path)}))
     with pytest.raises(ValueError, match="text_config"):
         build_model(
             load_config(ROOT / "configs" / "tiny_pretrain.yaml", {**language, "model.overrides": {"text_config": {}}})

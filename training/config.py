@@ -15,9 +15,9 @@ TRAINABLE_PARTS = ("connector", "connector+llm", "all", "lora")
 class ModelConfig:
     """Where the model comes from: a native checkpoint, a pretrained language model, or a preset.
 
-    With `language_model` (a causal LM folder) the AKI is new: its vision tower comes from the
-    `vision_model` folder or, without one, is a fresh tower of the preset's vision config; the
-    connector is the preset's, after `overrides`.
+    With `language_model` (a causal LM folder) the AKI is new. Its vision tower comes from the
+    `vision_model` folder, with AKI-4B's connector; or, without one, the preset gives a fresh tower
+    and its connector. `overrides` may change the connector's fields.
     """
 
     preset: str | None = "tiny"

@@ -125,6 +125,8 @@ def build_model(cfg: TrainConfig):
         model, processor = aki.assemble.from_parts(
             vision, cfg.model.language_model, attention_policy=policy, **connector
         )
+    elif cfg.model.vision_model:
+        raise ValueError("`vision_model` needs a `language_model` to assemble an AKI around.")
     elif cfg.model.preset:
         torch.manual_seed(cfg.seed)
         overrides = {**cfg.model.overrides, "attention_policy": policy}
