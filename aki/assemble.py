@@ -75,12 +75,13 @@ def vision_state(vision_model: str | dict) -> tuple[dict, dict]:
     """(vision config dict, vision tower state dict) from a SigLIP vision or full SigLIP folder;
     a config dict gives an empty state (random weights)."""
     if isinstance(vision_model, dict):
-        return {**vision_model, "model_type": "siglip_vision_model", "vision_use_head": False}, {}
-    loaded = AutoModel.from_pretrained(vision_model, dtype=torch.float32)
-    tower = getattr(loaded, "vision_model", loaded)
-    config = loaded.config.vision_config if hasattr(loaded.config, "vision_config") else loaded.config
-    state = {k: v for k, v in tower.state_dict().items() if not k.startswith("head.")}
-    return {**config.to_dict(), "model_type": "siglip_vision_model", "vision_use_head": False}, state
+        config, state = vision_model, {}
+    else:
+        loaded = AutoModel.from_pretrained(vision_model, dtype=torch.float32)
+        tower = getattr(loaded, "vision_model", loaded)
+        config = (loaded.config.vision_config if hasattr(loaded.config, "vision_config") else loaded.config).to_dict()
+        state = {k: v for k, v in tower.state_dict().items() if not k.startswith("head.")}
+    return {**config, "model_type": "siglip_vision_model", "vision_use_head": False}, state
 
 
 def from_parts(vision_model: str | dict, language_model: str, **config_overrides):
