@@ -4,7 +4,7 @@ For each seed, the tiny language model first learns language: questions about sh
 described in words (the paper's backbone arrives pretrained). The tiny AKI is then pre-trained on
 captions of synthetic shape scenes (causal), instruction-tuned twice from that checkpoint, once
 with causal attention and once with MMA, and both are evaluated on held-out questions. Every step
-runs the real code paths: `training.train` for each stage and `eval.run` for the scores. The
+runs the real code paths: `aki_training.train` for each stage and `aki_eval.run` for the scores. The
 demo prints accuracy per policy (mean and spread over seeds) and the paired gap with its 95%
 interval, and writes a bar chart (a line per seed), the two attention masks and an attention map.
 
@@ -36,10 +36,10 @@ def run_seed(seed: int, out: Path, quick: bool, language_model: str | None = Non
     pretrained causal LM folder) the language stage is skipped: the tiny vision tower and
     connector are trained in front of that LM, with the `demo_lm_*` recipe.
     """
-    from eval.benchmarks import get_benchmark
-    from eval.run import evaluate
-    from training.config import load_config
-    from training.train import train
+    from aki_eval.benchmarks import get_benchmark
+    from aki_eval.run import evaluate
+    from aki_training.config import load_config
+    from aki_training.train import train
 
     folder = out / f"seed{seed}"
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.perf_counter() - started
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from training.synthetic import ShapesSource
+    from aki_training.synthetic import ShapesSource
 
     from .attention_maps import save_attention_maps
 

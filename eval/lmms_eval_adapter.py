@@ -16,7 +16,7 @@ from .run import Predictor
 def manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="aki", simple_class_path="eval.lmms_eval_adapter.AkiLmms")
+    return ModelManifest(model_id="aki", simple_class_path="aki_eval.lmms_eval_adapter.AkiLmms")
 
 
 def cut_at(text: str, stops: list[str]) -> str:

@@ -1,6 +1,6 @@
 """Evaluate an AKI checkpoint on the paper's benchmarks and print the paper-format table.
 
-    python -m eval.run --model DIR --benchmarks mme,pope,mmbench --data-root DIR
+    python -m aki_eval.run --model DIR --benchmarks mme,pope,mmbench --data-root DIR
         [--limit N] [--batch-size B] [--policy causal|mma] [--output DIR]
         [--judge-base-url URL --judge-model NAME --judge-api-key KEY]
 

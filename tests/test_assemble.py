@@ -52,7 +52,7 @@ def test_from_parts_copies_weights_and_adds_the_official_tokens(tmp_path, images
 def test_a_fresh_vision_tower_in_front_of_a_pretrained_qwen2_speaks_chatml(tmp_path, images):
     from helpers import chat, save_tiny_qwen2, supervised_text
 
-    from training.encode import encode_conversation
+    from aki_training.encode import encode_conversation
 
     save_tiny_qwen2(tmp_path / "qwen2")
     language = Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen2")

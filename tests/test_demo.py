@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from training.synthetic import (
+from aki_training.synthetic import (
     CELL_NAMES,
     COLOURS,
     NUMBERS,
@@ -194,7 +194,7 @@ def test_attention_maps(tiny_checkpoint, images, tmp_path):
 
 
 def test_conjunction_scenes_need_both_colour_and_shape():
-    from training.synthetic import conjunction_scene
+    from aki_training.synthetic import conjunction_scene
 
     answers = set()
     for index in range(200):

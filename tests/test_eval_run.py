@@ -1,4 +1,4 @@
-"""`python -m eval.run` end to end with a tiny model; resume; the judge client; the lmms-eval adapter."""
+"""`python -m aki_eval.run` end to end with a tiny model; resume; the judge client; the lmms-eval adapter."""
 
 import json
 import sys
@@ -11,9 +11,9 @@ import pytest
 from eval_fixtures import image_b64, write_tsv
 from test_eval_scoring import circular_rows, mme_rows
 
-from eval.benchmarks import NEEDS_JUDGE, get_benchmark
-from eval.judge import Judge, JudgeError
-from eval.run import Predictor, evaluate, main, read_predictions
+from aki_eval.benchmarks import NEEDS_JUDGE, get_benchmark
+from aki_eval.judge import Judge, JudgeError
+from aki_eval.run import Predictor, evaluate, main, read_predictions
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +257,10 @@ def test_lmms_eval_adapter_with_a_stand_in_lmms_eval(tiny_checkpoint, images, mo
     modules["lmms_eval.models.registry_v2"].ModelManifest = ModelManifest
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.delitem(sys.modules, "eval.lmms_eval_adapter", raising=False)
-    from eval import lmms_eval_adapter
+    monkeypatch.delitem(sys.modules, "aki_eval.lmms_eval_adapter", raising=False)
+    from aki_eval import lmms_eval_adapter
 
-    assert lmms_eval_adapter.manifest() == ModelManifest("aki", "eval.lmms_eval_adapter.AkiLmms")
+    assert lmms_eval_adapter.manifest() == ModelManifest("aki", "aki_eval.lmms_eval_adapter.AkiLmms")
     model = lmms_eval_adapter.AkiLmms(pretrained=str(tiny_checkpoint), batch_size="2")
     docs = {0: {"image": images[0]}, 1: {"image": images[1]}, 2: {"image": None}}
     model.task_dict = {"pope": {"test": docs}}

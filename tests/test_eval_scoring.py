@@ -4,9 +4,9 @@ import pytest
 from eval_fixtures import image_b64, write_tsv
 from PIL import Image
 
-from eval.benchmarks import get_benchmark
-from eval.data import BenchmarkDataError
-from eval.extract import can_infer, strict_letter, yes_no
+from aki_eval.benchmarks import get_benchmark
+from aki_eval.data import BenchmarkDataError
+from aki_eval.extract import can_infer, strict_letter, yes_no
 
 
 def predictions_for(records, answers: dict[str, str]) -> dict[str, str]:
@@ -331,8 +331,8 @@ def test_hf_layouts_of_the_other_benchmarks(tmp_path):
 )
 def test_mathvista_integer_prefetch_is_exact_like_the_toolkit(prediction, expected):
     """int() of the raw answer: units or a sentence need the judge (VLMEvalKit's post_check)."""
-    from eval.benchmarks.mathvista import check
-    from eval.data import Record
+    from aki_eval.benchmarks.mathvista import check
+    from aki_eval.data import Record
 
     record = Record("0", "How long?", "14", extra={"question_type": "free_form", "answer_type": "integer"})
     assert check(record, prediction) is expected

@@ -283,7 +283,7 @@ def test_flex_does_not_recompile_for_new_lengths_within_a_bucket(tiny):
     from PIL import Image
     from torch._dynamo.utils import counters
 
-    from training.encode import collate, encode_conversation
+    from aki_training.encode import collate, encode_conversation
 
     model, processor = tiny
     torch._dynamo.config.automatic_dynamic_shapes = False

@@ -11,8 +11,8 @@ from helpers import supervised_text
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from training.config import DataSource
-from training.data import (
+from aki_training.config import DataSource
+from aki_training.data import (
     MixturePlan,
     TrainStream,
     bbox_text,
@@ -21,8 +21,8 @@ from training.data import (
     sample_encoder,
     task_sample,
 )
-from training.encode import Encoded, SampleError
-from training.synthetic import write_llava_json, write_webdataset
+from aki_training.encode import Encoded, SampleError
+from aki_training.synthetic import write_llava_json, write_webdataset
 
 
 def test_mixture_follows_the_weights():
@@ -196,7 +196,7 @@ def test_corrupt_images_and_empty_captions_are_skipped_and_counted(tmp_path, tin
 def test_every_config_loads_and_unknown_keys_are_refused():
     from pathlib import Path
 
-    from training.config import load_config
+    from aki_training.config import load_config
 
     root = Path(__file__).resolve().parent.parent / "configs"
     configs = {path.stem: load_config(path) for path in root.glob("*.yaml")}

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from aki.masking import mma_window_ids
-from training.encode import IGNORE_INDEX, SampleError, collate, encode_caption, encode_conversation
+from aki_training.encode import IGNORE_INDEX, SampleError, collate, encode_caption, encode_conversation
 
 RED = Image.new("RGB", (40, 40), "red")
 
@@ -128,7 +128,7 @@ def test_collate_pads_right(tiny):
 
 
 def test_collate_and_pack_round_lengths_up_to_a_bucket(tiny):
-    from training.encode import pack
+    from aki_training.encode import pack
 
     _, processor = tiny
     samples = [encode_caption(processor, RED, text, 128) for text in ("A.", "A red square in the top left.")]

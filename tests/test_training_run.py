@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from training.config import load_config
-from training.synthetic import write_llava_json
-from training.train import free_port, train
+from aki_training.config import load_config
+from aki_training.synthetic import write_llava_json
+from aki_training.train import free_port, train
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -43,7 +43,7 @@ def launch(command: list[str], tmp_path: Path, name: str, *sets: str) -> subproc
     ]
     for item in overrides:
         arguments += ["--set", item]
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         arguments, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -192,7 +192,7 @@ def test_deepspeed_checkpoint_resumes_exactly(tmp_path):
 def test_a_pretrained_language_model_gets_the_presets_vision_tower_and_connector(tmp_path):
     from helpers import save_tiny_qwen2
 
-    from training.train import build_model
+    from aki_training.train import build_model
 
     save_tiny_qwen2(tmp_path / "qwen2")
     language = {"output_dir": str(tmp_path / "out"), "model.language_model": str(tmp_path / "qwen2")}

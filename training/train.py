@@ -10,7 +10,7 @@ any of the three launchers; without it, plain PyTorch (DDP when several processe
 The loss of a step is the mean over every supervised token of the global batch (all ranks, all
 accumulation steps), whatever the split, so 1 process and N processes give the same numbers.
 Checkpoints hold the model, optimiser, scheduler and step; the data stream is a function of the
-step (see `training.data`), so a resumed run continues the same loss curve.
+step (see `aki_training.data`), so a resumed run continues the same loss curve.
 """
 
 import argparse
@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -33,11 +32,8 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: make `training` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from training.config import ModelConfig, TrainConfig, load_config  # noqa: E402
-from training.data import TrainStream, build_source, sample_encoder, supervised_tokens, tokens_in  # noqa: E402
+from aki_training.config import ModelConfig, TrainConfig, load_config
+from aki_training.data import TrainStream, build_source, sample_encoder, supervised_tokens, tokens_in
 
 logger = logging.getLogger("aki.train")
 

@@ -23,7 +23,7 @@ class Shapes(Benchmark):
     size, seed = 300, 10_000
 
     def load(self, data_root) -> list[Record]:
-        from training.synthetic import ShapesSource
+        from aki_training.synthetic import ShapesSource
 
         settings_file = Path(data_root) / "shapes.json"
         settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
