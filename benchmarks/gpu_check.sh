@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, for a lent CUDA machine without network (target: one
+# H200, Python 3.12, torch 2.11+cu130 and transformers 5.17 preinstalled; under 8 minutes):
+#   1. the CUDA tests (aki_split's flash kernels, flex_attention),
+#   2. benchmarks/bench_attention.py and bench_train.py at their GPU defaults,
+#   3. the SmolLM2 ablation (causal vs MMA, demo_lm recipe, 5 paired seeds), python -m aki_demo.lm_ablation.
+# Results land in $OUT (default outputs/gpu_check): summary.md, gpu_check.log, attention.png,
+# accuracy.png and gpu_check.tar.gz (every CSV, results.json and results.md).
+#
+#   bash benchmarks/gpu_check.sh --prepare   # here, with pip: wheels into .whl/, and `make smollm2`
+#   bash benchmarks/gpu_check.sh             # there: carry .whl and checkpoints/SmolLM2-135M-Instruct
+#   bash benchmarks/gpu_check.sh --dry-run   # on CPU: every step, a step or two each
+set -euo pipefail
+
+MODE=full
+case "${1:-}" in
+  "") ;;
+  --dry-run) MODE=dry ;;
+  --prepare) MODE=prepare ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --prepare]" >&2; exit 2 ;;
+esac
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+WHEELS=${AKI_WHEELS:-.whl}
+SMOLLM2=${AKI_SMOLLM2:-checkpoints/SmolLM2-135M-Instruct}
+OUT=${OUT:-outputs/gpu_check}
+WORK=${AKI_GPU_WORK:-/tmp/aki_gpu_check}
+# What the target image lacks or has too old: transformers 5.17 -> 5.24, and a peft that knows 5.24.
+WHEEL_PINS=("transformers==5.24.0" "peft==0.21.2")
+
+if [[ $MODE == prepare ]]; then
+  mkdir -p "$WHEELS"
+  for pin in "${WHEEL_PINS[@]}"; do
+    "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" "$pin"
+  done
+  "$PY" -m aki_demo.smollm2 --out "$SMOLLM2"
+  du -sh "$WHEELS" "$SMOLLM2"
+  exit 0
+fi
+
+rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its output, stop the script when it fails
+  local name=$1 limit=$2
+  shift 2
+  log "start $name (limit ${limit}s)"
+  local started=$SECONDS
+  if ! timeout "$limit" "$@" >>"$LOG" 2>&1; then
+    log "FAILED $name after $((SECONDS - started))s; the end of its output:"
+    tail -n 30 "$LOG" >&2
+    exit 1
+  fi
+  log "done $name in $((SECONDS - started))s"
+}
+
+for wheel in "${WHEEL_PINS[@]}"; do
+  name=${wheel%%==*}
+  ls "$WHEELS"/"${name}"-"${wheel##*==}"-*.whl >/dev/null 2>&1 \
+    || { echo "missing $wheel in $WHEELS: run bash benchmarks/gpu_check.sh --prepare where pip works" >&2; exit 1; }
+done
+[[ -f $SMOLLM2/model.safetensors ]] \
+  || { echo "missing $SMOLLM2: run make smollm2 (or --prepare) and carry the folder" >&2; exit 1; }
+
+# The repo's packages by their installed names, as the editable install maps them.
+mkdir -p "$WORK/path"
+ln -s "$ROOT/aki" "$WORK/path/aki"
+ln -s "$ROOT/training" "$WORK/path/aki_training"
+ln -s "$ROOT/eval" "$WORK/path/aki_eval"
+ln -s "$ROOT/demo" "$WORK/path/aki_demo"
+# The carried wheels go to their own folder; the dry run installs them too (a check of the set), but
+# keeps the environment it runs in.
+step "install wheels" 120 "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target "$WORK/site" "$WHEELS"/*.whl
+if [[ $MODE == full ]]; then
+  export PYTHONPATH="$WORK/site:$WORK/path"
+else
+  export PYTHONPATH="$WORK/path${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"
+
+step "environment" 60 "$PY" -c "
+import torch, transformers, peft
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'peft', peft.__version__)
+assert transformers.__version__ == '5.24.0' or '$MODE' == 'dry', 'the carried transformers is not the one imported'
+assert torch.cuda.is_available() or '$MODE' == 'dry', 'no CUDA device: use --dry-run on CPU'
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU dry run')
+"
+
+# The CUDA tests skip on CPU; the dry run only collects them.
+CUDA_TESTS=(tests/test_split_attention.py tests/test_modeling.py)
+if [[ $MODE == full ]]; then
+  step "CUDA tests" 150 "$PY" -m pytest -q -x -rs -p no:cacheprovider "${CUDA_TESTS[@]}"
+else
+  step "CUDA tests (collected)" 120 "$PY" -m pytest -q --collect-only -p no:cacheprovider "${CUDA_TESTS[@]}"
+fi
+
+BENCH="$WORK/bench"
+if [[ $MODE == full ]]; then
+  step "bench_attention" 120 "$PY" benchmarks/bench_attention.py --out "$BENCH"
+  step "bench_train" 90 "$PY" benchmarks/bench_train.py --out "$BENCH"
+else
+  step "bench_attention" 300 "$PY" benchmarks/bench_attention.py --out "$BENCH" --lengths 64 --batches 1 \
+    --mask-batch 2 --model-length 64
+  step "bench_train" 300 "$PY" benchmarks/bench_train.py --out "$BENCH" --length 64 --batch 1 --repeats 1
+fi
+
+ABLATION="$WORK/ablation"
+if [[ $MODE == full ]]; then
+  step "SmolLM2 ablation" 270 "$PY" -m aki_demo.lm_ablation --language-model "$SMOLLM2" --recipe full --seeds 5 \
+    --out "$ABLATION"
+else
+  step "SmolLM2 ablation" 900 "$PY" -m aki_demo.lm_ablation --language-model "$SMOLLM2" --recipe full --seeds 2 \
+    --pretrain-steps 1 --sft-steps 1 --batch 2 --eval-size 2 --out "$ABLATION"
+fi
+
+# At most 8 files come back from a lent machine: two figures, the summary, the log, one archive.
+cp "$BENCH/attention.png" "$OUT/attention.png"
+cp "$ABLATION/accuracy.png" "$OUT/accuracy.png"
+{
+  echo "# gpu_check ($MODE), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo
+  echo "## SmolLM2 ablation"
+  cat "$ABLATION/results.md"
+} >"$OUT/summary.md"
+tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" bench/masks.csv bench/attention.csv bench/model.csv \
+  $(cd "$WORK" && ls bench/train_*.csv) ablation/results.json ablation/results.md
+log "all steps passed in ${SECONDS}s; results in $OUT"

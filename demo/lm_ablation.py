@@ -1,0 +1,169 @@
+"""The paper's ablation (causal vs MMA) in front of a pretrained language model, paired by seed.
+
+One caption pre-training run (causal, the LM frozen, a fresh tiny vision tower and connector)
+gives a checkpoint that every seed shares. From it, each seed instruction-tunes twice, once per
+attention policy, on the same data order, and both are scored on the same held-out questions.
+The paired gap (MMA - causal) per seed, its mean and its 95% t interval come from the demo's
+`summarise`.
+
+SmolLM2's chat template would add its own default system prompt, and AKI's template adds AKI's;
+here the system turn is left empty, which cuts each sample to about 45 tokens.
+
+    python -m aki_demo.lm_ablation --language-model checkpoints/SmolLM2-135M-Instruct --seeds 3
+    python -m aki_demo.lm_ablation ... --recipe full --seeds 5   # the demo_lm recipe (a GPU's budget)
+"""
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from aki.demo import CONFIGS, POLICIES, bar_chart, summarise, table
+from aki.processing_aki import AKI_SYSTEM_PROMPT, CHATML_CHAT_TEMPLATE
+
+logger = logging.getLogger("aki_demo.lm_ablation")
+# AKI's ChatML template with an empty default system turn.
+CHATML_NO_SYSTEM = CHATML_CHAT_TEMPLATE.replace(AKI_SYSTEM_PROMPT.replace("'", "\\'"), "")
+RECIPES = {  # (pre-training config, SFT config)
+    "cpu": ("demo_smollm2_pretrain.yaml", "demo_smollm2_sft.yaml"),
+    "full": ("demo_lm_pretrain.yaml", "demo_lm_sft.yaml"),
+}
+
+
+def timed_stage(config: str, overrides: dict) -> dict:
+    """Train one stage; returns its export folder, steps, seconds and final loss."""
+    from aki_training.config import load_config
+    from aki_training.train import train
+
+    cfg = load_config(CONFIGS / config, {"save_every": 0, **overrides})
+    started = time.perf_counter()
+    summary = train(cfg)
+    seconds = time.perf_counter() - started
+    return {
+        "export": Path(cfg.output_dir) / "final",
+        "steps": cfg.max_steps,
+        "seconds": seconds,
+        "loss": summary["loss"],
+        "data_options": cfg.data[0].options,
+    }
+
+
+def drop_system_prompt(folder: Path) -> None:
+    """Give the exported processor the ChatML template without a default system prompt."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    if processor.chat_template != CHATML_CHAT_TEMPLATE:
+        raise ValueError(f"{folder} does not speak AKI's ChatML template: this ablation needs a ChatML backbone.")
+    processor.chat_template = CHATML_NO_SYSTEM
+    processor.save_pretrained(folder)
+
+
+def run(args) -> dict:
+    from aki_eval.run import evaluate
+
+    pretrain_config, sft_config = RECIPES[args.recipe]
+    common = {"micro_batch_size": args.batch} if args.batch else {}
+    started = time.perf_counter()
+    pretrain = timed_stage(
+        pretrain_config,
+        {
+            **common,
+            "output_dir": str(args.out / "pretrain"),
+            "model.language_model": args.language_model,
+            "seed": 0,
+            **({"max_steps": args.pretrain_steps} if args.pretrain_steps else {}),
+        },
+    )
+    drop_system_prompt(pretrain["export"])
+    stages, per_seed = {"pretrain": pretrain}, {}
+    for seed in range(args.seeds):
+        per_seed[seed] = {}
+        for policy in POLICIES:
+            name = f"seed{seed}_sft_{policy}"
+            sft = timed_stage(
+                sft_config,
+                {
+                    **common,
+                    "output_dir": str(args.out / name),
+                    "model.pretrained": str(pretrain["export"]),
+                    "model.attention_policy": policy,
+                    "seed": seed,
+                    **({"max_steps": args.sft_steps} if args.sft_steps else {}),
+                },
+            )
+            export = sft["export"]
+            (export / "shapes.json").write_text(json.dumps(sft["data_options"]))  # held-out questions match training
+            evaluated = time.perf_counter()
+            result = evaluate(str(export), ["shapes"], export, export.parent / "eval", limit=args.eval_size)
+            sft["eval_seconds"] = time.perf_counter() - evaluated
+            per_seed[seed][policy] = result["shapes"].columns["Shapes"]
+            stages[name] = sft
+            logger.info(
+                "seed %d, %s: %.1f%% (SFT %.1f s/step)",
+                seed,
+                policy,
+                per_seed[seed][policy],
+                sft["seconds"] / sft["steps"],
+            )
+    elapsed = time.perf_counter() - started
+
+    summary = summarise(per_seed)
+    sft_stages = [s for name, s in stages.items() if name != "pretrain"]
+    timing = {
+        "pretrain_s_per_step": pretrain["seconds"] / pretrain["steps"],
+        "sft_s_per_step": sum(s["seconds"] for s in sft_stages) / sum(s["steps"] for s in sft_stages),
+        "eval_s_per_run": sum(s["eval_seconds"] for s in sft_stages) / len(sft_stages),
+        "total_s": elapsed,
+    }
+    report = table(summary, list(per_seed)) + "\n\n" + timing_line(args, pretrain, sft_stages, timing)
+    title = f"{Path(args.language_model).name}, {args.seeds} seeds, {args.recipe} recipe"
+    bar_chart(summary, args.out / "accuracy.png", title)
+    results = {
+        "summary": summary,
+        "per_seed": per_seed,
+        "timing": timing,
+        "stages": {name: {k: v for k, v in s.items() if k != "export"} for name, s in stages.items()},
+        "recipe": args.recipe,
+        "language_model": args.language_model,
+        "eval_size": args.eval_size,
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (args.out / "results.md").write_text(report + "\n")
+    print("\n" + report)
+    return results
+
+
+def timing_line(args, pretrain: dict, sft_stages: list[dict], timing: dict) -> str:
+    return (
+        f"Recipe {args.recipe}: {pretrain['steps']} pre-training steps (shared), {sft_stages[0]['steps']} SFT steps "
+        f"per policy and seed, {args.eval_size or 'all'} held-out questions. Time per step (stage wall time / "
+        f"steps, loading and export included): pre-training {timing['pretrain_s_per_step']:.2f} s, "
+        f"SFT {timing['sft_s_per_step']:.2f} s; evaluation {timing['eval_s_per_run']:.0f} s per run; "
+        f"whole run {timing['total_s'] / 60:.1f} min."
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--language-model", default="checkpoints/SmolLM2-135M-Instruct", help="a ChatML causal LM folder"
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
+    parser.add_argument("--pretrain-steps", type=int, help="overrides the recipe's")
+    parser.add_argument("--sft-steps", type=int, help="overrides the recipe's")
+    parser.add_argument("--batch", type=int, help="micro batch size; overrides the recipe's")
+    parser.add_argument("--eval-size", type=int, help="held-out questions per run (default: all 300)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/smollm2_ablation"))
+    args = parser.parse_args(argv)
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2: a paired interval needs two seeds.")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

