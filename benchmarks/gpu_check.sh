@@ -7,8 +7,8 @@
 # Results land in $OUT (default outputs/gpu_check): summary.md, gpu_check.log, attention.png,
 # accuracy.png and gpu_check.tar.gz (every CSV, results.json and results.md).
 #
-#   bash benchmarks/gpu_check.sh --prepare   # here, with pip: wheels into .whl/, and `make smollm2`
-#   bash benchmarks/gpu_check.sh             # there: carry .whl and checkpoints/SmolLM2-135M-Instruct
+#   bash benchmarks/gpu_check.sh --prepare   # here, with pip: wheels into .cache/gpu_wheels, and `make smollm2`
+#   bash benchmarks/gpu_check.sh             # there: carry .cache/gpu_wheels and checkpoints/SmolLM2-135M-Instruct
 #   bash benchmarks/gpu_check.sh --dry-run   # on CPU: every step, a step or two each
 set -euo pipefail
 
@@ -23,7 +23,7 @@ esac
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-WHEELS=${AKI_WHEELS:-.whl}
+WHEELS=${AKI_WHEELS:-.cache/gpu_wheels}
 SMOLLM2=${AKI_SMOLLM2:-checkpoints/SmolLM2-135M-Instruct}
 OUT=${OUT:-outputs/gpu_check}
 WORK=${AKI_GPU_WORK:-/tmp/aki_gpu_check}
@@ -33,6 +33,7 @@ WHEEL_PINS=("transformers==5.24.0" "peft==0.21.2")
 if [[ $MODE == prepare ]]; then
   mkdir -p "$WHEELS"
   for pin in "${WHEEL_PINS[@]}"; do
+    ls "$WHEELS"/"${pin%%==*}"-"${pin##*==}"-*.whl >/dev/null 2>&1 && continue  # cached
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" "$pin"
   done
@@ -58,10 +59,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its output,
   log "done $name in $((SECONDS - started))s"
 }
 
-for wheel in "${WHEEL_PINS[@]}"; do
-  name=${wheel%%==*}
-  ls "$WHEELS"/"${name}"-"${wheel##*==}"-*.whl >/dev/null 2>&1 \
-    || { echo "missing $wheel in $WHEELS: run bash benchmarks/gpu_check.sh --prepare where pip works" >&2; exit 1; }
+for pin in "${WHEEL_PINS[@]}"; do
+  ls "$WHEELS"/"${pin%%==*}"-"${pin##*==}"-*.whl >/dev/null 2>&1 \
+    || { echo "missing $pin in $WHEELS: run bash benchmarks/gpu_check.sh --prepare where pip works" >&2; exit 1; }
 done
 [[ -f $SMOLLM2/model.safetensors ]] \
   || { echo "missing $SMOLLM2: run make smollm2 (or --prepare) and carry the folder" >&2; exit 1; }

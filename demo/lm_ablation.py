@@ -39,14 +39,22 @@ def timed_stage(config: str, overrides: dict) -> dict:
     cfg = load_config(CONFIGS / config, {"save_every": 0, **overrides})
     started = time.perf_counter()
     summary = train(cfg)
-    seconds = time.perf_counter() - started
-    return {
-        "export": Path(cfg.output_dir) / "final",
+    record = {
         "steps": cfg.max_steps,
-        "seconds": seconds,
+        "seconds": time.perf_counter() - started,
         "loss": summary["loss"],
         "data_options": cfg.data[0].options,
     }
+    (Path(cfg.output_dir) / "stage.json").write_text(json.dumps(record, indent=2))
+    return {**record, "export": Path(cfg.output_dir) / "final"}
+
+
+def reused_stage(folder: Path) -> dict:
+    """A finished stage's record (its `stage.json`), to build on without training it again."""
+    record = folder / "stage.json"
+    if not (folder / "final" / "model.safetensors").is_file() or not record.is_file():
+        raise SystemExit(f"error: {folder} holds no finished stage (final/ and stage.json): drop --reuse-pretrain.")
+    return {**json.loads(record.read_text()), "export": folder / "final"}
 
 
 def drop_system_prompt(folder: Path) -> None:
@@ -54,6 +62,8 @@ def drop_system_prompt(folder: Path) -> None:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder)
+    if processor.chat_template == CHATML_NO_SYSTEM:
+        return
     if processor.chat_template != CHATML_CHAT_TEMPLATE:
         raise ValueError(f"{folder} does not speak AKI's ChatML template: this ablation needs a ChatML backbone.")
     processor.chat_template = CHATML_NO_SYSTEM
@@ -66,15 +76,19 @@ def run(args) -> dict:
     pretrain_config, sft_config = RECIPES[args.recipe]
     common = {"micro_batch_size": args.batch} if args.batch else {}
     started = time.perf_counter()
-    pretrain = timed_stage(
-        pretrain_config,
-        {
-            **common,
-            "output_dir": str(args.out / "pretrain"),
-            "model.language_model": args.language_model,
-            "seed": 0,
-            **({"max_steps": args.pretrain_steps} if args.pretrain_steps else {}),
-        },
+    pretrain = (
+        reused_stage(args.out / "pretrain")
+        if args.reuse_pretrain
+        else timed_stage(
+            pretrain_config,
+            {
+                **common,
+                "output_dir": str(args.out / "pretrain"),
+                "model.language_model": args.language_model,
+                "seed": 0,
+                **({"max_steps": args.pretrain_steps} if args.pretrain_steps else {}),
+            },
+        )
     )
     drop_system_prompt(pretrain["export"])
     stages, per_seed = {"pretrain": pretrain}, {}
@@ -115,7 +129,7 @@ def run(args) -> dict:
         "pretrain_s_per_step": pretrain["seconds"] / pretrain["steps"],
         "sft_s_per_step": sum(s["seconds"] for s in sft_stages) / sum(s["steps"] for s in sft_stages),
         "eval_s_per_run": sum(s["eval_seconds"] for s in sft_stages) / len(sft_stages),
-        "total_s": elapsed,
+        "total_s": elapsed + (pretrain["seconds"] if args.reuse_pretrain else 0.0),  # a reused pre-training counts
     }
     report = table(summary, list(per_seed)) + "\n\n" + timing_line(args, pretrain, sft_stages, timing)
     title = f"{Path(args.language_model).name}, {args.seeds} seeds, {args.recipe} recipe"
@@ -157,6 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, help="micro batch size; overrides the recipe's")
     parser.add_argument("--eval-size", type=int, help="held-out questions per run (default: all 300)")
     parser.add_argument("--out", type=Path, default=Path("outputs/smollm2_ablation"))
+    parser.add_argument(
+        "--reuse-pretrain", action="store_true", help="start the SFT runs from OUT/pretrain, trained by an earlier run"
+    )
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be at least 2: a paired interval needs two seeds.")
