@@ -9,6 +9,9 @@ The paired gap (MMA - causal) per seed, its mean and its 95% t interval come fro
 SmolLM2's chat template would add its own default system prompt, and AKI's template adds AKI's;
 here the system turn is left empty, which cuts each sample to about 45 tokens.
 
+A run whose folder already holds a policy's finished SFT and evaluation reuses them, so seeds can
+run in parallel processes (`--first-seed`) and a last call with all seeds gathers them.
+
     python -m aki_demo.lm_ablation --language-model checkpoints/SmolLM2-135M-Instruct --seeds 3
     python -m aki_demo.lm_ablation ... --recipe full --seeds 5   # the demo_lm recipe (a GPU's budget)
 """
@@ -70,58 +73,51 @@ def drop_system_prompt(folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
+def finished_run(folder: Path) -> dict | None:
+    """A policy's SFT and evaluation finished by an earlier (or a parallel) run: its record, score and
+    evaluation time (from the file times: evaluation starts when the stage record is written)."""
+    record, scores = folder / "stage.json", folder / "eval" / "results.json"
+    if not (record.is_file() and scores.is_file()):
+        return None
+    stage = {**json.loads(record.read_text()), "export": folder / "final"}
+    stage["eval_seconds"] = scores.stat().st_mtime - record.stat().st_mtime
+    stage["accuracy"] = json.loads(scores.read_text())["shapes"]["columns"]["Shapes"]
+    return stage
+
+
 def run(args) -> dict:
     from aki_eval.run import evaluate
 
     pretrain_config, sft_config = RECIPES[args.recipe]
     common = {"micro_batch_size": args.batch} if args.batch else {}
-    started = time.perf_counter()
-    pretrain = (
-        reused_stage(args.out / "pretrain")
-        if args.reuse_pretrain
-        else timed_stage(
-            pretrain_config,
-            {
-                **common,
-                "output_dir": str(args.out / "pretrain"),
-                "model.language_model": args.language_model,
-                "seed": 0,
-                **({"max_steps": args.pretrain_steps} if args.pretrain_steps else {}),
-            },
-        )
-    )
+    if args.reuse_pretrain:
+        pretrain = reused_stage(args.out / "pretrain")
+    else:
+        overrides = {"model.language_model": args.language_model, "seed": 0}
+        if args.pretrain_steps:
+            overrides["max_steps"] = args.pretrain_steps
+        pretrain = timed_stage(pretrain_config, {**common, "output_dir": str(args.out / "pretrain"), **overrides})
     drop_system_prompt(pretrain["export"])
     stages, per_seed = {"pretrain": pretrain}, {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         per_seed[seed] = {}
         for policy in POLICIES:
             name = f"seed{seed}_sft_{policy}"
-            sft = timed_stage(
-                sft_config,
-                {
-                    **common,
-                    "output_dir": str(args.out / name),
-                    "model.pretrained": str(pretrain["export"]),
-                    "model.attention_policy": policy,
-                    "seed": seed,
-                    **({"max_steps": args.sft_steps} if args.sft_steps else {}),
-                },
-            )
-            export = sft["export"]
-            (export / "shapes.json").write_text(json.dumps(sft["data_options"]))  # held-out questions match training
-            evaluated = time.perf_counter()
-            result = evaluate(str(export), ["shapes"], export, export.parent / "eval", limit=args.eval_size)
-            sft["eval_seconds"] = time.perf_counter() - evaluated
-            per_seed[seed][policy] = result["shapes"].columns["Shapes"]
+            sft = finished_run(args.out / name)
+            if sft is None:
+                overrides = {"model.pretrained": str(pretrain["export"]), "model.attention_policy": policy}
+                if args.sft_steps:
+                    overrides["max_steps"] = args.sft_steps
+                sft = timed_stage(sft_config, {**common, "output_dir": str(args.out / name), "seed": seed, **overrides})
+                export = sft["export"]
+                (export / "shapes.json").write_text(json.dumps(sft["data_options"]))  # held-out questions match
+                evaluate(str(export), ["shapes"], export, export.parent / "eval", args.eval_size, args.eval_batch)
+                sft = finished_run(args.out / name)
+            per_seed[seed][policy] = sft["accuracy"]
             stages[name] = sft
             logger.info(
-                "seed %d, %s: %.1f%% (SFT %.1f s/step)",
-                seed,
-                policy,
-                per_seed[seed][policy],
-                sft["seconds"] / sft["steps"],
+                "seed %d, %s: %.1f%% (SFT %.1f s/step)", seed, policy, sft["accuracy"], sft["seconds"] / sft["steps"]
             )
-    elapsed = time.perf_counter() - started
 
     summary = summarise(per_seed)
     sft_stages = [s for name, s in stages.items() if name != "pretrain"]
@@ -129,10 +125,11 @@ def run(args) -> dict:
         "pretrain_s_per_step": pretrain["seconds"] / pretrain["steps"],
         "sft_s_per_step": sum(s["seconds"] for s in sft_stages) / sum(s["steps"] for s in sft_stages),
         "eval_s_per_run": sum(s["eval_seconds"] for s in sft_stages) / len(sft_stages),
-        "total_s": elapsed + (pretrain["seconds"] if args.reuse_pretrain else 0.0),  # a reused pre-training counts
+        # The stages one after another, as a single process runs them (parallel or resumed runs included).
+        "total_s": pretrain["seconds"] + sum(s["seconds"] + s["eval_seconds"] for s in sft_stages),
     }
     report = table(summary, list(per_seed)) + "\n\n" + timing_line(args, pretrain, sft_stages, timing)
-    title = f"{Path(args.language_model).name}, {args.seeds} seeds, {args.recipe} recipe"
+    title = f"{Path(args.language_model).name}, {len(per_seed)} seeds, {args.recipe} recipe"
     bar_chart(summary, args.out / "accuracy.png", title)
     results = {
         "summary": summary,
@@ -155,7 +152,7 @@ def timing_line(args, pretrain: dict, sft_stages: list[dict], timing: dict) -> s
         f"per policy and seed, {args.eval_size or 'all'} held-out questions. Time per step (stage wall time / "
         f"steps, loading and export included): pre-training {timing['pretrain_s_per_step']:.2f} s, "
         f"SFT {timing['sft_s_per_step']:.2f} s; evaluation {timing['eval_s_per_run']:.0f} s per run; "
-        f"whole run {timing['total_s'] / 60:.1f} min."
+        f"all stages together {timing['total_s'] / 60:.1f} min."
     )
 
 
@@ -165,18 +162,18 @@ def main(argv: list[str] | None = None) -> dict:
         "--language-model", default="checkpoints/SmolLM2-135M-Instruct", help="a ChatML causal LM folder"
     )
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run: FIRST_SEED .. FIRST_SEED + SEEDS - 1")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
     parser.add_argument("--pretrain-steps", type=int, help="overrides the recipe's")
     parser.add_argument("--sft-steps", type=int, help="overrides the recipe's")
     parser.add_argument("--batch", type=int, help="micro batch size; overrides the recipe's")
     parser.add_argument("--eval-size", type=int, help="held-out questions per run (default: all 300)")
+    parser.add_argument("--eval-batch", type=int, default=8, help="questions per generate() call")
     parser.add_argument("--out", type=Path, default=Path("outputs/smollm2_ablation"))
     parser.add_argument(
         "--reuse-pretrain", action="store_true", help="start the SFT runs from OUT/pretrain, trained by an earlier run"
     )
     args = parser.parse_args(argv)
-    if args.seeds < 2:
-        parser.error("--seeds must be at least 2: a paired interval needs two seeds.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     return run(args)
