@@ -35,12 +35,14 @@ class StreamTo(TextStreamer):
 class Chat:
     """A conversation: each turn re-encodes the whole chat, so every image sees the question of its turn."""
 
-    def __init__(self, model, processor, max_new_tokens: int = 256, output=sys.stdout):
+    def __init__(self, model, processor, max_new_tokens: int = 256, output=sys.stdout, system: str | None = None):
         self.model, self.processor, self.max_new_tokens, self.output = model, processor, max_new_tokens, output
+        self.system = system  # None: the chat template's default system prompt
         self.reset()
 
     def reset(self) -> None:
-        self.messages, self.images, self.pending_image = [], [], None
+        self.messages = [] if self.system is None else [{"role": "system", "content": self.system}]
+        self.images, self.pending_image = [], None
 
     def add_image(self, path: str) -> None:
         from .processing_aki import load_image
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--image", help="an image file")
         sub.add_argument("question", nargs="?", help="the question (chat: omit it for an interactive session)")
     chat_parser.add_argument("--max-new-tokens", type=int, default=256)
+    chat_parser.add_argument(
+        "--system", help="the system prompt ('' for none; small LMs such as SmolLM2 answer badly under AKI's default)"
+    )
     attention_parser.add_argument("--out", type=Path, default=Path("attention_map.png"))
     args = parser.parse_args(argv)
 
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(save_attention_maps(model, processor, load_image(args.image), args.question, args.out))
         return
-    chat = Chat(model, processor, args.max_new_tokens)
+    chat = Chat(model, processor, args.max_new_tokens, system=args.system)
     if args.image:
         chat.add_image(args.image)
     if args.question:

@@ -85,8 +85,8 @@ def test_new_tokens_leave_existing_ids_unchanged(base, assembled):
     _, base_tokenizer = base
     _, processor = assembled
     tokenizer = processor.tokenizer
-    base_vocab = base_tokenizer.get_vocab()
-    assert {token: tokenizer.get_vocab()[token] for token in base_vocab} == base_vocab
+    base_vocab, vocab = base_tokenizer.get_vocab(), tokenizer.get_vocab()
+    assert {token: vocab[token] for token in base_vocab} == base_vocab
     added = [tokenizer.convert_tokens_to_ids(token) for token in ("<pad>", "<image>", "<|endofchunk|>")]
     assert sorted(added) == list(range(len(base_vocab), len(base_vocab) + 3))
     text = "<|im_start|>user\nWhat colour is the circle? Ünïcode, code `x = 1`\n<|im_end|>\n"
@@ -158,7 +158,11 @@ def test_chatml_window_in_real_chat_template_output(base, assembled, template):
         assert int((windows == number).sum()) == model.config.num_image_tokens
         question = processor.tokenizer.decode(ids[0][windows == -number])
         assert question == f"\nQuestion {index}: what is shown?<|im_end|>\n<|im_start|>"
-    assert processor.tokenizer.decode(ids[0][windows == 0]).count("<|im_start|>assistant") == 3
+    # Outside the windows: the system turn, the text-only turn with its whole assistant header, the
+    # answers, and the later headers' "assistant" (their `<|im_start|>` closes the window).
+    outside = processor.tokenizer.decode(ids[0][windows == 0])
+    assert outside.count("<|im_start|>assistant") == 1 and outside.count("assistant\n") == 3
+    assert "Question 0: what is shown?" in outside
 
 
 def test_save_load_round_trip(assembled, tmp_path):
@@ -173,11 +177,11 @@ def test_save_load_round_trip(assembled, tmp_path):
     assert len(loaded_processor.tokenizer) == len(processor.tokenizer)
     messages = conversation((True,))
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=torch.rand(3, 32, 32), text=prompt, return_tensors="pt")
-    assert torch.equal(
-        loaded_processor(images=inputs["pixel_values"][0], text=prompt, return_tensors="pt")["input_ids"],
-        inputs["input_ids"],
-    )
+    image = torch.rand(3, 32, 32)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    reloaded_inputs = loaded_processor(images=image, text=prompt, return_tensors="pt")
+    assert torch.equal(reloaded_inputs["input_ids"], inputs["input_ids"])
+    assert torch.equal(reloaded_inputs["pixel_values"], inputs["pixel_values"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
 
@@ -187,17 +191,17 @@ def test_chat_holds_a_text_conversation(assembled):
 
     model, processor = assembled
     output = io.StringIO()
-    chat = Chat(model, processor, max_new_tokens=24, output=output)
+    chat = Chat(model, processor, max_new_tokens=24, output=output, system="")  # AKI's default prompt derails SmolLM2
     first = chat.ask(QUESTION)
     second = chat.ask("And what is the capital of Italy?")
     assert "Paris" in first and "Rome" in second
-    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert "Paris" in output.getvalue()
 
 
 def test_both_training_stages_run(smollm2_dir, tmp_path):
     """Two caption steps (frozen LM, fresh tower and connector), then two LoRA SFT steps from that export."""
-    from aki_demo.lm_ablation import RECIPES
+    from aki_demo.lm_ablation import RECIPES, drop_system_prompt
     from aki_training.config import load_config
     from aki_training.train import train
     from safetensors.torch import load_file
@@ -217,12 +221,13 @@ def test_both_training_stages_run(smollm2_dir, tmp_path):
     name = "layers.0.self_attn.q_proj.weight"
     assert torch.equal(pretrained[f"model.language_model.{name}"], base_weights[f"model.{name}"])  # LM frozen
 
+    drop_system_prompt(tmp_path / "pretrain" / "final")  # as the ablation does: a sample then fits max_length
     sft = load_config(
         CONFIGS / sft_config,
         {**common, "output_dir": str(tmp_path / "sft"), "model.pretrained": str(tmp_path / "pretrain" / "final")},
     )
     summary = train(sft)
-    assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+    assert summary["step"] == 2 and summary["skipped"] == {} and torch.isfinite(torch.tensor(summary["loss"]))
     tuned = load_file(tmp_path / "sft" / "final" / "model.safetensors")
     assert not torch.equal(
         tuned[f"model.language_model.{name}"], pretrained[f"model.language_model.{name}"]
