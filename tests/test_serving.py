@@ -172,6 +172,16 @@ def test_streamed_two_turn_chat_is_the_local_answer(client, checkpoint, tiny_lla
     assert chunks[-1].usage.completion_tokens == MAX_TOKENS
 
 
+def test_text_only_chat_is_the_local_answer(client, checkpoint, tiny_llama):
+    model, processor = tiny_llama
+    messages = [{"role": "user", "content": "Which colour is the sky?"}]
+    expected = local_answer_ids(model, processor, messages, None)
+
+    response = client.chat.completions.create(model=checkpoint, messages=messages, max_tokens=MAX_TOKENS)
+
+    assert response.choices[0].message.content == processor.decode(expected, skip_special_tokens=True)
+
+
 def test_eight_concurrent_requests_are_all_answered(client, checkpoint, tiny_llama, images):
     model, processor = tiny_llama
     questions = [f"Question {index}: what is in the image?" for index in range(8)]
