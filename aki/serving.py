@@ -18,6 +18,7 @@ continuous batching cannot take AKI: see "Serving" in the README.
 Errors are OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`.
 """
 
+import asyncio
 import base64
 import binascii
 import http.client
@@ -41,6 +42,9 @@ from transformers.cli.serving.utils import GenerationState, Modality, split_revi
 from .configuration_aki import AkiConfig  # noqa: E402
 
 REMOTE_IMAGE_TIMEOUT_S = 10.0
+# The part types transformers' chat handler reads as text and as images (Chat Completions and Responses names).
+TEXT_PARTS = ("text", "input_text", "output_text")
+IMAGE_PARTS = ("image_url", "input_image")
 
 
 class RequestError(Exception):
@@ -141,11 +145,17 @@ def with_images_read(messages, allow_remote: bool) -> list[dict]:
             part_param = f"{param}.content[{part_index}]"
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise RequestError(f"{part_param} must be an object with a `type`.", param=part_param)
-            if part["type"] == "text" and not isinstance(part.get("text"), str):
+            if part["type"] in TEXT_PARTS and not isinstance(part.get("text"), str):
                 raise RequestError(f"{part_param} is a text part without a `text` string.", param=part_param)
-            if part["type"] in ("image_url", "input_image"):
+            if part["type"] in IMAGE_PARTS:
                 image = read_image(image_url(part, part_param), part_param, allow_remote)
                 part = {"type": part["type"], "image_url": {"url": image}}
+            elif part["type"] not in TEXT_PARTS:
+                raise RequestError(
+                    f"{part_param} is a {part['type']!r} part; AKI reads text and image_url parts.",
+                    param=part_param,
+                    code="unsupported_content",
+                )
             parts.append(part)
         read.append({**message, "content": parts})
     return read
@@ -216,7 +226,8 @@ class AkiChatCompletionHandler(ChatCompletionHandler):
                 code="model_not_found",
                 status=404,
             )
-        messages = with_images_read(body.get("messages"), self.allow_remote_images)
+        # Off the event loop: decoding (or fetching) images must not stall the other requests' streams.
+        messages = await asyncio.to_thread(with_images_read, body.get("messages"), self.allow_remote_images)
         _, _, processor = self._resolve_model(body)
         check_image_places(processor, self.get_processor_inputs_from_messages(messages, Modality.VLM))
         return await super().handle_request({**body, "messages": messages}, request_id)

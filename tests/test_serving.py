@@ -262,6 +262,17 @@ def test_unknown_model_is_a_404_naming_the_served_one(client, checkpoint):
     assert "'gpt-4o'" in raised.value.message and checkpoint in raised.value.message
 
 
+def test_video_part_is_a_400(client, checkpoint):
+    video = {"type": "video_url", "video_url": {"url": "/tmp/clip.mp4"}}
+    messages = [{"role": "user", "content": [video, {"type": "text", "text": "What happens?"}]}]
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=checkpoint, messages=messages, max_tokens=MAX_TOKENS)
+
+    assert raised.value.code == "unsupported_content"
+    assert raised.value.param == "messages[0].content[0]"
+
+
 def post_raw(server: str, body: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(
         f"{server}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
