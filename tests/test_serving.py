@@ -315,3 +315,13 @@ def test_remote_images_are_fetched_when_allowed(images, tmp_path):
             file_server.shutdown()
 
     assert fetched.tobytes() == images[1].convert("RGB").tobytes()
+
+
+def test_serve_refuses_a_folder_without_an_aki_model(tmp_path, capsys):
+    from aki.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for folder, message in [(tmp_path / "missing", "has no config.json"), (tmp_path, "holds a 'llama' model")]:
+        with pytest.raises(SystemExit):
+            main(["serve", "--model", str(folder)])
+        assert message in capsys.readouterr().err
