@@ -118,7 +118,7 @@ def processor_turn(question: str) -> dict:
 def streamed_text(tokenizer, ids: list[int]) -> str:
     """What a token-by-token decode emits for `ids` (tokenizers' DecodeStream, as the server streams)."""
     stream = DecodeStream([], skip_special_tokens=True)
-    return "".join(piece for token in ids if (piece := stream.step(tokenizer._tokenizer, token)) is not None)
+    return "".join(piece for token in ids if (piece := stream.step(tokenizer.backend_tokenizer, token)) is not None)
 
 
 def test_models_lists_the_served_folder(client, checkpoint):
