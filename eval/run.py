@@ -193,8 +193,11 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a native AKI folder")
-    paper = ",".join(name for name in BENCHMARKS if name != "shapes")
-    parser.add_argument("--benchmarks", default=paper, help=f"comma-separated: {', '.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--benchmarks",
+        default=",".join(BENCHMARKS),
+        help=f"comma-separated: {', '.join(BENCHMARKS)}, or module:Class (e.g. aki_demo.benchmark:Shapes)",
+    )
     parser.add_argument(
         "--data-root", type=Path, default=Path("data/benchmarks"), help="folder with the TSVs / dataset folders"
     )

@@ -37,11 +37,11 @@ class ModelConfig:
 class DataSource:
     """One dataset of the run. `kind` picks the reader; `weight` its share of an SFT mixture."""
 
-    kind: str  # webdataset | hf_dataset | llava_json | task | synthetic
-    path: str = ""
+    kind: str  # webdataset | hf_dataset | llava_json | task | python
+    path: str = ""  # python: the source's `module:callable`, e.g. aki_demo.shapes:ShapesSource
     weight: float = 1.0
-    size: int = 256  # synthetic only: how many items
-    options: dict = field(default_factory=dict)  # synthetic only: ShapesSource settings (grid, most, kinds, ...)
+    size: int = 256  # python only: how many items
+    options: dict = field(default_factory=dict)  # python only: the callable's keywords (ShapesSource: grid, most, ...)
     task: str | None = None  # for kind == "task": vqa, gqa, vsr, ocrvqa, aokvqa, scienceqa, refcoco, vg, llava
     image_root: str | None = None
     image_column: str = "image"

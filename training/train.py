@@ -486,7 +486,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a YAML file under configs/")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, parse_overrides(args.set))
     try:
-        return train(cfg)
+        train(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
