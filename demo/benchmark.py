@@ -8,10 +8,9 @@ from pathlib import Path
 
 from aki_eval.benchmarks.base import Benchmark, Score, mean
 from aki_eval.data import Record
+from aki_training.data import VQA_PROMPT  # held-out questions are asked as training asked them
 
 from .shapes import ShapesSource
-
-VQA_PROMPT = "Answer the question using a single word or phrase. {question}"
 
 
 class Shapes(Benchmark):

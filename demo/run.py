@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from aki.masking import dense_attention_mask, render_mask, token_roles
+from aki.attention_maps import import_pyplot, render_mask
+from aki.masking import dense_attention_mask, token_roles
 
 from .benchmark import Shapes
 from .shapes import ShapesSource
@@ -139,11 +140,7 @@ def table(summary: dict, seeds: list[int]) -> str:
 
 
 def bar_chart(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = import_pyplot()
     figure, axis = plt.subplots(figsize=(4, 3.5))
     means = [summary[p]["mean"] for p in POLICIES]
     errors = [summary[p]["std"] for p in POLICIES]
@@ -196,13 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from aki.attention_maps import save_attention_maps
+    from aki_training.data import VQA_PROMPT
 
     mma_model_dir = args.out / f"seed{seeds[0]}" / "sft_mma" / "final"
     model = AutoModelForImageTextToText.from_pretrained(mma_model_dir).eval()
     processor = AutoProcessor.from_pretrained(mma_model_dir)
     options = json.loads((mma_model_dir / "shapes.json").read_text())
     example = ShapesSource(1, 99, stage="sft", **options)[0]["record"]
-    question = "Answer the question using a single word or phrase. " + example["question"]
+    question = VQA_PROMPT.format(question=example["question"])
     masks = draw_masks(model, processor, example["image"], question, args.out)
     attention_map = save_attention_maps(model, processor, example["image"], question, args.out / "attention_map.png")
     backbone = f"{Path(args.language_model).name} backbone" if args.language_model else "Tiny AKI"

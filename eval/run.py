@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from aki.masking import ATTENTION_POLICIES
+
 from .benchmarks import BENCHMARKS, Benchmark, Score, get_benchmark
 from .data import Record
 from .judge import Judge
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("outputs/eval"))
     parser.add_argument("--limit", type=int, help="first N questions of each benchmark")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--policy", choices=["mma", "causal"], help="override the checkpoint's attention policy")
+    parser.add_argument("--policy", choices=ATTENTION_POLICIES, help="override the checkpoint's attention policy")
     parser.add_argument("--judge-base-url")
     parser.add_argument("--judge-model")
     parser.add_argument("--judge-api-key")

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import yaml
 
+from aki.masking import ATTENTION_POLICIES, AttentionPolicy
+
 Stage = Literal["pretrain", "sft"]
 TRAINABLE_PARTS = ("connector", "connector+llm", "all", "lora")
 
@@ -25,7 +27,7 @@ class ModelConfig:
     pretrained: str | None = None  # a native AKI folder (e.g. the pre-training export)
     vision_model: str | None = None  # a SigLIP folder
     language_model: str | None = None  # a causal LM folder (Phi-3, Llama, Qwen2, ...)
-    attention_policy: str | None = None  # overrides the checkpoint's; pretrain forces "causal"
+    attention_policy: AttentionPolicy | None = None  # overrides the checkpoint's; pretrain forces "causal"
     attn_implementation: str = "sdpa"  # eager | sdpa | flex_attention | aki_split (FlashAttention-2 on CUDA)
     trainable: str = "connector+llm"  # connector | connector+llm | all | lora
     lora_rank: int = 16
@@ -76,12 +78,14 @@ class TrainConfig:
     bf16: bool = False
     deepspeed: str | None = None  # a DeepSpeed JSON; its batch and clipping fields are filled from here
     save_every: int = 0  # steps; 0 = only at the end
-    log_every: int = 1
     stop_after: int | None = None  # exit (without export) after this step, for resume tests
 
     def __post_init__(self):
         if self.stage not in ("pretrain", "sft"):
             raise ValueError(f"stage must be 'pretrain' or 'sft', got {self.stage!r}.")
+        policy = self.model.attention_policy
+        if policy not in (None, *ATTENTION_POLICIES):
+            raise ValueError(f"model.attention_policy must be one of {ATTENTION_POLICIES} or unset, got {policy!r}.")
         if self.model.trainable not in TRAINABLE_PARTS:
             raise ValueError(f"model.trainable must be one of {TRAINABLE_PARTS}, got {self.model.trainable!r}.")
         if not self.data:
