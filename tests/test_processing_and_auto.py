@@ -11,15 +11,17 @@ from aki import AkiConfig, AkiForConditionalGeneration, AkiImageProcessor, AkiMo
 from aki.presets import PRESETS, config_from_preset
 from aki.processing_aki import AKI_SYSTEM_PROMPT
 
-SPEC_PROMPT = "<|system|>\n" + AKI_SYSTEM_PROMPT + "<|end|>\n<|user|>\n<image>\nWhat is this?<|end|>\n<|assistant|>\n"
+OFFICIAL_PROMPT = (
+    "<|system|>\n" + AKI_SYSTEM_PROMPT + "<|end|>\n<|user|>\n<image>\nWhat is this?<|end|>\n<|assistant|>\n"
+)
 
 
 def test_chat_template_is_the_official_prompt(tiny):
     _, processor = tiny
     text = processor.apply_chat_template(chat("What is this?"), add_generation_prompt=True, tokenize=False)
-    assert text == SPEC_PROMPT
+    assert text == OFFICIAL_PROMPT
     with_answer = processor.apply_chat_template(chat("What is this?", "A cat."), tokenize=False)
-    assert with_answer == SPEC_PROMPT + "A cat.<|endoftext|>"
+    assert with_answer == OFFICIAL_PROMPT + "A cat.<|endoftext|>"
 
 
 def test_processor_expands_images_and_prepends_bos(tiny, images):
@@ -29,7 +31,7 @@ def test_processor_expands_images_and_prepends_bos(tiny, images):
     assert ids[0] == processor.tokenizer.bos_token_id
     assert (ids == model.config.image_token_id).sum() == 2 * model.config.num_image_tokens
     assert inputs["pixel_values"].shape == (2, 3, 32, 32)
-    # SPEC section 2: mean 0.5, std 0.5 -> values in [-1, 1].
+    # docs/checkpoint.md: mean 0.5, std 0.5 -> values in [-1, 1].
     assert inputs["pixel_values"].min() >= -1 and inputs["pixel_values"].max() <= 1
 
 
