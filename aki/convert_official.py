@@ -43,7 +43,7 @@ from .processing_aki import PHI3_CHAT_TEMPLATE, AkiImageProcessor, AkiProcessor
 
 logger = logging.getLogger("aki.convert_official")
 
-# The tokens the official factory adds to Phi-3.5's 32011, in this order (SPEC section 2).
+# The tokens the official factory adds to Phi-3.5's 32011, in this order (docs/checkpoint.md).
 OFFICIAL_ADDED_TOKENS = {"<pad>": 32011, "<image>": 32012, "<|endofchunk|>": 32013}
 ASSISTANT_TOKEN = "<|assistant|>"
 # Official tensors the native model does not need: SigLIP's attention-pooling head (AKI reads

@@ -1,6 +1,6 @@
 """A plain-PyTorch restatement of the official AKI forward pass, for tests only.
 
-Written from the description in SPEC section 2 and the paper digest, with the official state-dict
+Written from the description in docs/checkpoint.md and the paper, with the official state-dict
 names, so a tiny checkpoint in the official layout can be saved from it and converted:
 
 * SigLIP vision transformer (`vision_encoder.*`), features = post-LayerNorm last hidden state;
