@@ -289,8 +289,13 @@ def convert(
         do_sample=False,
     ).save_pretrained(out)
     image_size = config.vision_config.image_size
+    # The official demo reads the image normalisation from config.json (0.5 when absent).
+    mean, std = official.get("norm_mean", 0.5), official.get("norm_std", 0.5)
+    image_processor = AkiImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=[mean] * 3, image_std=[std] * 3
+    )
     AkiProcessor(
-        image_processor=AkiImageProcessor(size={"height": image_size, "width": image_size}),
+        image_processor=image_processor,
         tokenizer=processor_tokenizer,
         num_image_tokens=config.num_image_tokens,
         chat_template=PHI3_CHAT_TEMPLATE,

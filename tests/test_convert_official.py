@@ -109,6 +109,8 @@ def test_converted_folder_is_a_native_checkpoint(native, default, golden):
     official = load_file(str(GOLDEN / "checkpoint" / "model.safetensors"))
     merged = torch.cat([official["lang_model.lm_head.bias"][:32012], official["lang_model.lm_head.additional_fc.bias"]])
     assert torch.equal(model.lm_head.bias, merged)
+    assert processor.image_processor.size == {"height": 32, "width": 32}  # config.json's n_px
+    assert list(processor.image_processor.image_mean) == list(processor.image_processor.image_std) == [0.5] * 3
     tokenizer = processor.tokenizer
     assert tokenizer.convert_tokens_to_ids(["<pad>", "<image>", "<|endofchunk|>"]) == [32011, 32012, 32013]
     generation = json.loads((native / "generation_config.json").read_text())
@@ -157,7 +159,7 @@ def test_logits_match_the_official_code(eager, golden, name):
 
 
 def test_logits_match_with_the_default_attention(default, golden):
-    """SDPA sums in another order than the official eager attention: equal to 1e-4 (measured 1.1e-5)."""
+    """SDPA sums in another order than the official eager attention: equal to 1e-4 (measured 1.0e-5)."""
     tensors, record = golden
     model = default
     inputs = official_inputs(tensors, "sft", record["num_vision_tokens"])
@@ -185,7 +187,7 @@ def test_the_golden_outputs_see_the_head_bias_and_the_window(native, golden):
     no_bias = load(native, attn_implementation="eager")
     no_bias.lm_head.bias.data.zero_()
     causal = load(native, attn_implementation="eager", attention_policy="causal")
-    for model, least in ((no_bias, 0.1), (causal, 1e-3)):
+    for model, least in ((no_bias, 0.1), (causal, 0.05)):  # measured 0.33 and 0.27
         with torch.no_grad():
             logits = model(**inputs).logits[..., tensors["logit_columns"]]
         assert (logits[valid] - tensors["sft.logits"][valid]).abs().max() > least
