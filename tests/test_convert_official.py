@@ -158,6 +158,19 @@ def test_logits_match_the_official_code(eager, golden, name):
     assert_logits_match(logits, tensors, name, inputs["attention_mask"].bool(), atol=1e-5)
 
 
+def test_sft_loss_matches_the_official_code(eager, golden):
+    """The official labels (nothing through the first <|assistant|>), image tokens ignored as the
+    official forward ignores them: the same loss, which takes the head's bias in."""
+    tensors, record = golden
+    inputs = official_inputs(tensors, "sft", record["num_vision_tokens"])
+    repeats = torch.where(tensors["sft.input_ids"] == IMAGE_ID, record["num_vision_tokens"], 1)
+    labels = torch.stack([row.repeat_interleave(r) for row, r in zip(tensors["sft.labels"], repeats, strict=True)])
+    assert (labels[inputs["input_ids"] == IMAGE_ID] == -100).all()
+    with torch.no_grad():
+        loss = eager(**inputs, labels=labels).loss
+    assert abs(loss.item() - tensors["sft.loss"].item()) <= 1e-5
+
+
 def test_logits_match_with_the_default_attention(default, golden):
     """SDPA sums in another order than the official eager attention: equal to 1e-4 (measured 1.0e-5)."""
     tensors, record = golden

@@ -19,7 +19,7 @@ Written under --out:
     checkpoint/               what the official code saves: config.json, model.safetensors, tokenizer
     siglip_vision_config.json the tiny vision tower's config (the role of SigLIP-so400m's)
     phi3_config.json          the tiny Phi-3's config, as Phi-3.5-mini's config.json spells it
-    outputs.safetensors       inputs and logits of the official forward, greedy tokens of its generate
+    outputs.safetensors       inputs, logits and SFT loss of the official forward, greedy tokens of its generate
     outputs.json              texts, which logit columns are kept, versions
 
 Logits are (rows, 32014) per sequence, too large to commit in full: `outputs.safetensors` keeps, for
@@ -47,6 +47,7 @@ SEED = 0
 NUM_VISION_TOKENS = 4
 INITIAL_TOKENIZER_LEN = 32012  # Phi-3.5's 32011 tokens plus <pad>, as the official factory counts them
 PAD_ID = 32011
+ASSISTANT_ID = 32001
 # Phi-3.5-mini-instruct's generation_config.json: <|end|>, <|assistant|>, <|endoftext|> end a turn.
 PHI35_GENERATION = {"bos_token_id": 1, "eos_token_id": [32007, 32001, 32000], "pad_token_id": 32000}
 MAX_NEW_TOKENS = 24
@@ -228,6 +229,19 @@ def main() -> None:
             ).logits
             tensors |= {f"{name}.input_ids": encoded.input_ids, f"{name}.attention_mask": encoded.attention_mask}
             tensors |= summarize(logits, columns, name)
+        # The SFT loss, with the official labels: nothing up to and including the first <|assistant|>
+        # (train/sft_data_utils/base.py), no padding; the official forward masks the image tokens itself.
+        encoded = tokenizer(SFT, padding=True, return_tensors="pt")
+        labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
+        for row in labels:
+            row[: int((row == ASSISTANT_ID).nonzero()[0]) + 1] = -100
+        loss = official(
+            vision_x=pixel_values[:, None, None],
+            lang_x=encoded.input_ids,
+            attention_mask=encoded.attention_mask,
+            labels=labels,
+        ).loss
+        tensors |= {"sft.labels": labels, "sft.loss": loss}
         encoded = tokenizer([PROMPT], return_tensors="pt")
         generated = official.generate(
             vision_x=pixel_values[:1, None, None],
