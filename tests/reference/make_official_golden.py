@@ -101,7 +101,7 @@ PROMPT = SYSTEM + "<|user|>\n<image>\nDescribe the image.<|end|>\n<|assistant|>\
 
 
 def logit_columns(num_columns: int) -> torch.Tensor:
-    """Every 97th id, and the last 64 ids (Phi's chat tokens and the added ones)."""
+    """Every 211th id, and the last 64 ids (Phi's chat tokens and the added ones)."""
     return torch.unique(torch.cat([torch.arange(0, num_columns, 211), torch.arange(num_columns - 64, num_columns)]))
 
 
@@ -184,7 +184,8 @@ def main() -> None:
         siglip, phi3 = save_backbones(Path(scratch))
         paths = {"vision_encoder_path": str(siglip), "lang_model_path": str(phi3)}
         kwargs = {"pad_token_id": PAD_ID, "initial_tokenizer_len": INITIAL_TOKENIZER_LEN}
-        # The decoder-layer path is what the official factory infers for Phi ("model.layers").
+        # The decoder-layer path is what the official factory infers for Phi ("model.layers"); the class
+        # cannot be built without it, so the published config.json holds it too.
         kwargs |= {"num_vision_tokens": NUM_VISION_TOKENS, "decoder_layers_attr_name": "model.layers"}
         torch.manual_seed(SEED)
         model = AKI(**paths, **kwargs, tokenizer=tokenizer)
