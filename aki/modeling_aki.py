@@ -442,7 +442,9 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
     def __init__(self, config: AkiConfig):
         super().__init__(config)
         self.model = AkiModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(
+            config.text_config.hidden_size, config.text_config.vocab_size, bias=config.lm_head_bias
+        )
         self.post_init()
 
     def get_input_embeddings(self):
