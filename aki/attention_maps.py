@@ -5,11 +5,15 @@
 For one prompt, each panel is a layer: rows are image tokens, columns the question tokens they
 may see under MMA (up to and including the assistant header), values the attention weight averaged
 over heads. Under causal attention the panels are empty by construction.
+
+`render_mask` draws a mask itself, coloured by token role (the demo's figures).
 """
 
 from pathlib import Path
 
 import torch
+
+from .masking import IMAGE, IMAGE_CAUSAL, OTHER, PADDING, QUESTION, ROLE_NAMES
 
 
 @torch.no_grad()
@@ -53,4 +57,67 @@ def save_attention_maps(model, processor, image, question: str, path: Path) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=130)
     plt.close(figure)
+    return path
+
+
+ROLE_COLOURS = {
+    OTHER: (90, 90, 90),
+    IMAGE: (46, 139, 87),
+    QUESTION: (65, 105, 225),
+    IMAGE_CAUSAL: (143, 188, 143),
+    PADDING: (230, 230, 230),
+}
+OPENED_COLOUR = (255, 140, 0)
+
+
+def render_mask(
+    allowed: torch.Tensor,
+    roles: torch.Tensor,
+    path: str,
+    title: str | None = None,
+    cell: int | None = None,
+) -> str:
+    """Save one sample's mask (s, s) as a PNG, rows = queries, columns = keys.
+
+    An allowed cell takes the colour of its key's role, brightened where the MMA rectangle
+    opened it (above the diagonal); a blocked cell is white. A strip above and to the left shows
+    each token's role, and a legend names the colours.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    s = allowed.shape[-1]
+    cell = cell or max(1, min(8, 640 // max(s, 1)))
+    strip, legend_h = 3 * cell + 4, 18 * (len(ROLE_NAMES) + 2)
+    side = s * cell
+    width, height = strip + side + 8, strip + side + legend_h + 8
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+
+    allowed = allowed.bool().cpu()
+    roles = roles.cpu()
+    palette = torch.tensor([ROLE_COLOURS[r] for r in sorted(ROLE_COLOURS)], dtype=torch.uint8)
+    key_colours = palette[roles].unsqueeze(0).expand(s, s, 3).clone()
+    opened = allowed & torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
+    key_colours[opened] = torch.tensor(OPENED_COLOUR, dtype=torch.uint8)
+    key_colours[~allowed] = 255
+    grid = Image.fromarray(np.ascontiguousarray(key_colours.numpy())).resize((side, side), Image.NEAREST)
+    image.paste(grid, (strip, strip))
+    role_strip = Image.fromarray(np.ascontiguousarray(palette[roles][None].numpy())).resize(
+        (side, strip - 4), Image.NEAREST
+    )
+    image.paste(role_strip, (strip, 0))
+    image.paste(role_strip.transpose(Image.Transpose.TRANSPOSE), (0, strip))
+
+    y = strip + side + 6
+    if title:
+        draw.text((4, y), title, fill="black")
+        y += 18
+    entries = [(ROLE_COLOURS[role], name) for role, name in ROLE_NAMES.items()]
+    entries.append((OPENED_COLOUR, "opened by MMA (image query -> later question key)"))
+    for colour, name in entries:
+        draw.rectangle([4, y + 3, 14, y + 13], fill=colour)
+        draw.text((20, y + 2), name, fill="black")
+        y += 18
+    image.save(path)
     return path

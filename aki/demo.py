@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .masking import dense_attention_mask, render_mask, token_roles
+from .attention_maps import render_mask
+from .masking import dense_attention_mask, token_roles
 
 logger = logging.getLogger("aki.demo")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -11,31 +11,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.masking_utils import (
-    create_causal_mask,
-    create_sliding_window_causal_mask,
-    find_packed_sequence_indices,
-    packed_sequence_mask_function,
-)
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     MultimodalBaseModelOutputWithPast,
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.utils.generic import can_return_tuple, is_flash_attention_requested
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_aki import AkiConfig
-from .masking import mma_mask_function, mma_window_ids, window_split_at
-from .split_attention import SPLIT_ATTENTION, split_layout
-
-
-class PromptSplitError(ValueError):
-    """A forward holds only part of an image's MMA window: the rest is cached or still to come."""
+from .mask_builder import create_language_model_attention, create_mma_mask, is_prepared_mask
+from .masking import PromptSplitError, absolute_window_ids, mma_window_ids
 
 
 @dataclass
@@ -155,54 +144,6 @@ class AkiMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
-def create_mma_mask(
-    text_config,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    cache: Cache | None,
-    window_ids: torch.Tensor,
-    document_ids: torch.Tensor | None = None,
-) -> torch.Tensor | BlockMask | dict:
-    """The language model's mask with the MMA rectangle opened, in its backend's format.
-
-    `window_ids` (b, past + s) are indexed by absolute position. They are padded with zeros up to
-    the last key index the mask builder asks about (the whole buffer of a static cache).
-    `document_ids` (b, s) keep the packed samples of a row apart.
-    """
-    query_length = inputs_embeds.shape[1]
-    kv_length, kv_offset = cache.get_mask_sizes(query_length, 0) if cache is not None else (query_length, 0)
-    missing = kv_offset + kv_length - window_ids.shape[-1]
-    if missing > 0:
-        window_ids = F.pad(window_ids, (0, missing))
-    # position_ids=None: transformers would otherwise read packed positions and remap the indices
-    # our overlay receives (packing is handled by the caller, per sample).
-    mask_kwargs = {
-        "config": text_config,
-        "inputs_embeds": inputs_embeds,
-        "attention_mask": attention_mask,
-        "cache": cache,
-        "position_ids": None,
-        "or_mask_function": mma_mask_function(window_ids),
-        "and_mask_function": packed_sequence_mask_function(document_ids) if document_ids is not None else None,
-    }
-    layer_types = getattr(text_config, "layer_types", None)
-    if layer_types is not None:
-        builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-        if "sliding_attention" in layer_types:
-            return {layer_type: builders[layer_type](**mask_kwargs) for layer_type in set(layer_types)}
-        return create_causal_mask(**mask_kwargs)
-    if getattr(text_config, "sliding_window", None) is not None:
-        return create_sliding_window_causal_mask(**mask_kwargs)
-    return create_causal_mask(**mask_kwargs)
-
-
-def is_prepared_mask(attention_mask) -> bool:
-    """True for a mask already in a backend's format (built by `generate` for static caches)."""
-    if isinstance(attention_mask, (BlockMask, dict)):
-        return True
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4
-
-
 class AkiPreTrainedModel(PreTrainedModel):
     config: AkiConfig
     base_model_prefix = "model"
@@ -294,47 +235,6 @@ class AkiModel(AkiPreTrainedModel):
             input_ids, config.image_token_id, config.assistant_marker_ids, attention_mask, document_ids
         )
 
-    def absolute_window_ids(
-        self,
-        input_ids: torch.Tensor | None,
-        mma_window_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        past_length: int,
-        query_length: int,
-        document_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Window ids indexed by absolute position, (b, past + s), checked for a split prompt.
-
-        Given from the start of the sequence (as `generate` passes them), they reveal an image
-        whose question lies on the other side of the cache boundary or of the chunk's end.
-        Computed from this chunk's `input_ids` alone, the cached tokens are unknown and count as text.
-        """
-        end = past_length + query_length
-        if mma_window_ids is None:
-            if input_ids is None:
-                raise ValueError(
-                    "attention_policy='mma' needs input_ids (or mma_window_ids) to find images and questions; "
-                    "pass input_ids, or load the model with attention_policy='causal'."
-                )
-            chunk_mask = attention_mask[:, -query_length:] if attention_mask is not None else None
-            return F.pad(self.window_ids(input_ids, chunk_mask, document_ids), (past_length, 0))
-        if mma_window_ids.shape[-1] < end:
-            if mma_window_ids.shape[-1] != query_length:
-                raise ValueError(
-                    f"mma_window_ids has length {mma_window_ids.shape[-1]}; expected the whole sequence "
-                    f"(>= {end}) or this chunk ({query_length})."
-                )
-            return F.pad(mma_window_ids, (past_length, 0))
-        for boundary in (past_length, end):
-            if window_split_at(mma_window_ids, boundary):
-                raise PromptSplitError(
-                    f"An image and its question are split at position {boundary} (cache holds {past_length} "
-                    f"tokens, this forward {query_length}). MMA lets image tokens see their question, so the "
-                    "image, its question and the assistant header must be encoded in one forward: prefill them "
-                    "together (no prefill chunking, no cache ending between an image and its question)."
-                )
-        return mma_window_ids[:, :end]
-
     @can_return_tuple
     def forward(
         self,
@@ -376,55 +276,16 @@ class AkiModel(AkiPreTrainedModel):
                     f"the placeholders (token id {self.config.image_token_id})."
                 )
 
-        past_length = cache.get_seq_length() if cache is not None else 0
-        query_length = inputs_embeds.shape[1]
-        mma = self.config.attention_policy == "mma" and not is_prepared_mask(attention_mask)
-        split = self.config.text_config._attn_implementation == SPLIT_ATTENTION
-        # Packed samples (position ids restarting inside a row), as transformers detects them.
-        document_ids = None
-        if (mma or split) and position_ids is not None and attention_mask is None and past_length == 0:
-            document_ids = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
-        window_ids = None
-        if mma:
-            window_ids = self.absolute_window_ids(
-                input_ids, mma_window_ids, attention_mask, past_length, query_length, document_ids
-            )
-        if split:
-            if (cache is not None and cache.is_compileable) or is_prepared_mask(attention_mask):
-                raise ValueError(
-                    f"The '{SPLIT_ATTENTION}' attention takes a 2D padding mask and a dynamic cache, "
-                    "not a prepared 4D mask or a static cache."
-                )
-            # One layout per forward, read by every layer (the mask interface has none for this name).
-            kwargs["aki_split_layout"] = split_layout(
-                attention_mask,
-                inputs_embeds.shape[0],
-                query_length,
-                past_length + query_length,
-                inputs_embeds.device,
-                window_ids[:, past_length:] if window_ids is not None else None,
-                document_ids,
-            )
-        elif window_ids is not None:
-            # Only a chunk holding an image with an open window needs more than the causal mask:
-            # decode steps keep the backend's fast causal path.
-            if (window_ids[:, past_length:] > 0).any():
-                if is_flash_attention_requested(self.config.text_config):
-                    raise ValueError(
-                        "The language model runs flash attention, whose mask builder ignores MMA's rectangle: "
-                        "use 'sdpa', 'eager' or 'flex_attention' for the text model, or attention_policy='causal'."
-                    )
-                attention_mask = create_mma_mask(
-                    self.config.text_config, inputs_embeds, attention_mask, cache, window_ids, document_ids
-                )
-
+        attention = create_language_model_attention(
+            self.config, input_ids, inputs_embeds, attention_mask, position_ids, cache, mma_window_ids
+        )
         outputs = self.language_model(
-            attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             return_dict=True,
+            **attention,
             **kwargs,
         )
         return AkiModelOutputWithPast(**outputs, image_outputs=image_outputs)
@@ -540,7 +401,7 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
         chunk = model_inputs.get("input_ids")
         query_length = chunk.shape[-1] if chunk is not None else model_inputs["inputs_embeds"].shape[1]
         past_length = cache.get_seq_length() if cache is not None else 0
-        window_ids = self.model.absolute_window_ids(chunk, mma_window_ids, None, past_length, query_length)
+        window_ids = absolute_window_ids(mma_window_ids, past_length, query_length)
         if not (window_ids[:, past_length:] > 0).any():
             return model_inputs["attention_mask"]
         metadata = torch.empty((window_ids.shape[0], query_length, 0), dtype=self.dtype, device=window_ids.device)

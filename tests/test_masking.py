@@ -4,21 +4,18 @@ import random
 
 import pytest
 import torch
-from PIL import Image
 from transformers import Phi3Config
 from transformers.masking_utils import create_causal_mask
 
 from aki.masking import (
     IMAGE,
     IMAGE_CAUSAL,
-    OPENED_COLOUR,
     PADDING,
     QUESTION,
     dense_attention_mask,
     find_marker_starts,
     mma_mask_function,
     mma_window_ids,
-    render_mask,
     token_roles,
     window_split_at,
 )
@@ -182,19 +179,6 @@ def test_transformers_mask_function_equals_dense(padding_side):
     expected = dense_attention_mask(windows, valid.long())
     rows_with_keys = expected.any(-1)
     assert torch.equal(mask[:, 0][rows_with_keys], expected[rows_with_keys])
-
-
-def test_render_mask(tmp_path):
-    ids = torch.tensor([1, 6, 3, 3, 20, 21, 8, 7, 22, 2])
-    windows = mma_window_ids(ids[None], IMG, PHI_MARKER)
-    allowed = dense_attention_mask(windows)[0]
-    path = render_mask(allowed, token_roles(ids[None], IMG, windows)[0], str(tmp_path / "mask.png"), "MMA", cell=4)
-    picture = Image.open(path).convert("RGB")
-    strip = 3 * 4 + 4
-    # Query 2 (an image token) sees key 4 (its question) through the opened rectangle.
-    assert picture.getpixel((strip + 4 * 4 + 1, strip + 2 * 4 + 1)) == OPENED_COLOUR
-    # Query 4 (text) never sees key 5.
-    assert picture.getpixel((strip + 5 * 4 + 1, strip + 4 * 4 + 1)) == (255, 255, 255)
 
 
 def test_the_benchmarks_official_baseline_is_the_same_mask():
