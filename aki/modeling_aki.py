@@ -20,6 +20,9 @@ from transformers.modeling_outputs import (
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_aki import AkiConfig
@@ -160,7 +163,19 @@ class AkiPreTrainedModel(PreTrainedModel):
     # Building the MMA mask looks at the data (does this chunk hold an image with a question?).
     _can_compile_fullgraph = False
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers' guard for out-of-tree models whose `_init_weights` writes tensors in place
+        # skips every module without parameters of its own, and so skips the sub-models' own
+        # initialisers on blocks such as SigLIP's attention and MLP: a vision tower missing from
+        # a checkpoint came out initialised unlike `__init__`'s. AKI (and every transformers model
+        # it holds) initialises through `transformers.initialization`, which leaves loaded tensors
+        # alone, so the guard is not needed and each sub-model's own `_init_weights` runs.
+        return False
+
     def _init_weights(self, module):
+        # Sub-models (vision tower, language model) are dispatched to their own `_init_weights` by
+        # `initialize_weights`; this one sees AKI's own modules only.
         super()._init_weights(module)
         if isinstance(module, AkiPerceiverResampler):
             # As the official code builds Flamingo's resampler: latents ~ N(0, 1) and PyTorch's default
@@ -204,10 +219,15 @@ class AkiModel(AkiPreTrainedModel):
             )
 
     @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """pixel_values (n, 3, H, W) -> `pooler_output` (n, v, d_text), the image tokens."""
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values (n, 3, H, W) -> `pooler_output` (n, v, d_text), the image tokens.
+
+        `kwargs` such as `output_hidden_states` and `output_attentions` reach the vision tower.
+        """
         self.check_pixel_values(pixel_values)
-        vision_outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True)
+        vision_outputs = self.vision_tower(pixel_values=pixel_values, **{**kwargs, "return_dict": True})
         vision_outputs.pooler_output = self.connector(vision_outputs.last_hidden_state)
         return vision_outputs
 
@@ -223,6 +243,19 @@ class AkiModel(AkiPreTrainedModel):
             )
         return is_image.unsqueeze(-1)
 
+    def special_ids_from_embeddings(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """The ids (b, s) of the tokens MMA looks for, read back from `inputs_embeds`; -1 elsewhere.
+
+        Image placeholders and assistant-header tokens are found where the embeddings equal their
+        rows of the embedding table, as llava finds its image slots in `inputs_embeds`.
+        """
+        token_ids = torch.tensor(
+            [self.config.image_token_id, *self.config.assistant_marker_ids], device=inputs_embeds.device
+        )
+        rows = self.get_input_embeddings()(token_ids).to(inputs_embeds.dtype)  # (k, d)
+        matches = (inputs_embeds[:, :, None, :] == rows).all(-1)  # (b, s, k)
+        return torch.where(matches.any(-1), token_ids[matches.int().argmax(-1)], -1)
+
     def window_ids(
         self,
         input_ids: torch.Tensor,
@@ -236,6 +269,7 @@ class AkiModel(AkiPreTrainedModel):
         )
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -246,7 +280,7 @@ class AkiModel(AkiPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         mma_window_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AkiModelOutputWithPast:
         r"""
         input_ids (b, s): text with every image expanded to `config.num_image_tokens` placeholders.
@@ -260,24 +294,29 @@ class AkiModel(AkiPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+            special_ids = input_ids
+        else:
+            special_ids = self.special_ids_from_embeddings(inputs_embeds)
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         image_outputs = None
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to find the image placeholders.")
+        has_image_tokens = bool((special_ids == self.config.image_token_id).any())
+        if pixel_values is not None and (has_image_tokens or past_length == 0):
             image_outputs = self.get_image_features(pixel_values, return_dict=True)
             image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
-            placeholders = self.get_placeholder_mask(input_ids, image_features)
+            placeholders = self.get_placeholder_mask(special_ids, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(placeholders, image_features)
-        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
-            if (input_ids == self.config.image_token_id).any():
-                raise ValueError(
-                    "The text holds image tokens but no pixel_values were given: pass the images, or remove "
-                    f"the placeholders (token id {self.config.image_token_id})."
-                )
+        elif has_image_tokens and past_length == 0:
+            raise ValueError(
+                "The text holds image tokens but no pixel_values were given: pass the images, or remove "
+                f"the placeholders (token id {self.config.image_token_id})."
+            )
+        # Otherwise the images were encoded by an earlier forward and live in the cache: `generate`
+        # passes pixel_values again when it continues from a cache (assisted and prompt-lookup
+        # decoding do), and a verification chunk may start inside the prompt.
 
         attention = create_language_model_attention(
-            self.config, input_ids, inputs_embeds, attention_mask, position_ids, cache, mma_window_ids
+            self.config, special_ids, inputs_embeds, attention_mask, position_ids, cache, mma_window_ids
         )
         outputs = self.language_model(
             position_ids=position_ids,
@@ -295,6 +334,8 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
     """AKI with its language-modelling head; `generate()` applies MMA at prefill."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Shard the head as the embedding it may be tied to is sharded (as llava does).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: AkiConfig):
         super().__init__(config)
@@ -311,10 +352,13 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -327,7 +371,7 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AkiCausalLMOutputWithPast:
         r"""
         Arguments as in `AkiModel.forward`, plus `labels` (b, s) with -100 where no loss is taken
@@ -360,6 +404,7 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
             image_outputs=outputs.image_outputs,
         )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -375,7 +420,9 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
         # before `generate` slices `input_ids` down to the new tokens. Decode steps hold only
         # generated text: they need none and keep the causal fast path.
         use_cache = kwargs.get("use_cache", True)
-        prefill = is_first_iteration or not use_cache
+        empty_cache = cache is None or cache.get_seq_length() == 0
+        # An assistant model's prefill (assisted decoding) is not `generate`'s first iteration.
+        prefill = is_first_iteration or not use_cache or empty_cache
         needs_windows = prefill and self.config.attention_policy == "mma" and input_ids.shape[-1] > 0
         if needs_windows and (mma_window_ids is None or not use_cache):
             mma_window_ids = self.model.window_ids(input_ids, attention_mask)
@@ -389,6 +436,11 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         model_inputs["mma_window_ids"] = mma_window_ids if needs_windows else None
+        # `generate` drops pixel_values after its first iteration, so an assistant model would
+        # prefill the image's placeholders without the image. Every forward that starts on an empty
+        # cache gets them: the assistant then reads the image exactly as the main model does.
+        if empty_cache and kwargs.get("pixel_values") is not None:
+            model_inputs["pixel_values"] = kwargs["pixel_values"]
         # With a compileable (static) cache `generate` has already built a causal 4D mask; the
         # prefill of an image with its question needs the MMA one instead.
         if needs_windows and is_prepared_mask(model_inputs.get("attention_mask")) and attention_mask is not None:
