@@ -22,8 +22,10 @@ import logging
 import time
 from pathlib import Path
 
-from aki.demo import CONFIGS, POLICIES, bar_chart, summarise, table
 from aki.processing_aki import AKI_SYSTEM_PROMPT, CHATML_CHAT_TEMPLATE
+
+from .benchmark import Shapes
+from .run import BENCHMARK, CONFIGS, POLICIES, bar_chart, summarise, table
 
 logger = logging.getLogger("aki_demo.lm_ablation")
 # AKI's ChatML template with an empty default system turn.
@@ -81,7 +83,7 @@ def finished_run(folder: Path) -> dict | None:
         return None
     stage = {**json.loads(record.read_text()), "export": folder / "final"}
     stage["eval_seconds"] = scores.stat().st_mtime - record.stat().st_mtime
-    stage["accuracy"] = json.loads(scores.read_text())["shapes"]["columns"]["Shapes"]
+    stage["accuracy"] = json.loads(scores.read_text())[Shapes.name]["columns"]["Shapes"]
     return stage
 
 
@@ -111,7 +113,7 @@ def run(args) -> dict:
                 sft = timed_stage(sft_config, {**common, "output_dir": str(args.out / name), "seed": seed, **overrides})
                 export = sft["export"]
                 (export / "shapes.json").write_text(json.dumps(sft["data_options"]))  # held-out questions match
-                evaluate(str(export), ["shapes"], export, export.parent / "eval", args.eval_size, args.eval_batch)
+                evaluate(str(export), [BENCHMARK], export, export.parent / "eval", args.eval_size, args.eval_batch)
                 sft = finished_run(args.out / name)
             per_seed[seed][policy] = sft["accuracy"]
             stages[name] = sft

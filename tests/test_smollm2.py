@@ -201,12 +201,12 @@ def test_chat_holds_a_text_conversation(assembled):
 
 def test_both_training_stages_run(smollm2_dir, tmp_path):
     """Two caption steps (frozen LM, fresh tower and connector), then two LoRA SFT steps from that export."""
-    from aki_demo.lm_ablation import RECIPES, drop_system_prompt
-    from aki_training.config import load_config
-    from aki_training.train import train
     from safetensors.torch import load_file
 
-    from aki.demo import CONFIGS
+    from aki_demo.lm_ablation import RECIPES, drop_system_prompt
+    from aki_demo.run import CONFIGS
+    from aki_training.config import load_config
+    from aki_training.train import train
 
     pretrain_config, sft_config = RECIPES["cpu"]
     common = {"max_steps": 2, "micro_batch_size": 2, "save_every": 0}
