@@ -47,7 +47,7 @@ def timed_stage(config: str, overrides: dict) -> dict:
     record = {
         "steps": cfg.max_steps,
         "seconds": time.perf_counter() - started,
-        "loss": summary["loss"],
+        "loss": summary.loss,
         "data_options": cfg.data[0].options,
     }
     (Path(cfg.output_dir) / "stage.json").write_text(json.dumps(record, indent=2))

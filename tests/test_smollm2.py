@@ -215,7 +215,7 @@ def test_both_training_stages_run(smollm2_dir, tmp_path):
         {**common, "output_dir": str(tmp_path / "pretrain"), "model.language_model": str(smollm2_dir)},
     )
     summary = train(pretrain)
-    assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+    assert summary.step == 2 and torch.isfinite(torch.tensor(summary.loss))
     base_weights = load_file(smollm2_dir / "model.safetensors")
     pretrained = load_file(tmp_path / "pretrain" / "final" / "model.safetensors")
     name = "layers.0.self_attn.q_proj.weight"
@@ -227,7 +227,7 @@ def test_both_training_stages_run(smollm2_dir, tmp_path):
         {**common, "output_dir": str(tmp_path / "sft"), "model.pretrained": str(tmp_path / "pretrain" / "final")},
     )
     summary = train(sft)
-    assert summary["step"] == 2 and summary["skipped"] == {} and torch.isfinite(torch.tensor(summary["loss"]))
+    assert summary.step == 2 and summary.skipped == {} and torch.isfinite(torch.tensor(summary.loss))
     tuned = load_file(tmp_path / "sft" / "final" / "model.safetensors")
     assert not torch.equal(
         tuned[f"model.language_model.{name}"], pretrained[f"model.language_model.{name}"]
