@@ -106,9 +106,9 @@ if [[ $MODE == full ]]; then
   step "bench_attention" 75 "$PY" benchmarks/bench_attention.py --out "$BENCH"
   step "bench_train" 45 "$PY" benchmarks/bench_train.py --out "$BENCH"
 else
-  step "bench_attention" 300 "$PY" benchmarks/bench_attention.py --out "$BENCH" --lengths 64 --batches 1 \
-    --mask-batch 2 --model-length 64
-  step "bench_train" 300 "$PY" benchmarks/bench_train.py --out "$BENCH" --length 64 --batch 1 --repeats 1
+  step "bench_attention" 300 "$PY" benchmarks/bench_attention.py --out "$BENCH" --lengths 512 --batches 1 \
+    --mask-batch 2 --model-length 512
+  step "bench_train" 300 "$PY" benchmarks/bench_train.py --out "$BENCH" --batch 1 --repeats 1
 fi
 
 ABLATION="$WORK/ablation"
