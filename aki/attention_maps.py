@@ -1,19 +1,32 @@
-"""How much image tokens attend to the question, layer by layer (the paper's qualitative analysis).
+"""Pictures of attention: a prompt's mask, and how much image tokens attend to the question.
 
     aki attention --model DIR --image PATH "question" [--out attention_map.png]
 
-For one prompt, each panel is a layer: rows are image tokens, columns the question tokens they
-may see under MMA (up to and including the assistant header), values the attention weight averaged
-over heads. Under causal attention the panels are empty by construction.
-
-`render_mask` draws a mask itself, coloured by token role (the demo's figures).
+`save_attention_maps` draws one panel per layer (the paper's qualitative analysis): rows are image
+tokens, columns the question tokens they may see under MMA (up to and including the assistant
+header), values the attention weight averaged over heads. Under causal attention the panels are
+empty by construction. `render_mask` draws a mask from `aki.masking` with each token's role.
+The pure mask logic stays in `aki.masking`; drawing (PIL, numpy, matplotlib) lives here.
 """
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .masking import IMAGE, IMAGE_CAUSAL, OTHER, PADDING, QUESTION, ROLE_NAMES
+
+
+def import_pyplot():
+    """matplotlib's pyplot on the file backend, or an error that says which extra installs it."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("Drawing figures needs matplotlib: pip install 'aki[viz]'.") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 @torch.no_grad()
@@ -37,11 +50,7 @@ def image_to_question_attention(model, processor, image, question: str) -> tuple
 
 
 def save_attention_maps(model, processor, image, question: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = import_pyplot()
     maps, labels = image_to_question_attention(model, processor, image, question)
     layers = maps.shape[0]
     figure, axes = plt.subplots(1, layers, figsize=(3.2 * layers + 1, 3.6), squeeze=False)
@@ -83,7 +92,6 @@ def render_mask(
     opened it (above the diagonal); a blocked cell is white. A strip above and to the left shows
     each token's role, and a legend names the colours.
     """
-    import numpy as np
     from PIL import Image, ImageDraw
 
     s = allowed.shape[-1]

@@ -1,6 +1,6 @@
 """Modality-mutual attention (MMA) masks, as pure functions.
 
-The rule (SPEC section 1), per sample, with ``True`` meaning "query q may attend key k"::
+The rule (docs/mma.md), per sample, with ``True`` meaning "query q may attend key k"::
 
     allowed[q, k] = key_valid[k] and (k <= q or (is_image[q] and question_of(q)[k]))
 
@@ -8,6 +8,23 @@ The rule (SPEC section 1), per sample, with ``True`` meaning "query q may attend
 first token after the image block up to and including the first token of the assistant header
 that closes the turn. A turn that is never closed by an assistant header (a caption) opens
 nothing, so it stays causal.
+
+A one-image prompt with two image tokens (``1`` allowed, ``.`` blocked; rows are queries,
+columns keys; ``w`` the window ids below). MMA opens the ``#`` cells: the image sees its question,
+``<|assistant|>`` included, but not the answer; images stay causal among themselves::
+
+                       w   0 1 2 3 4 5 6 7 8 9 10
+     0 <s>             0   1 . . . . . . . . . .
+     1 <|user|>        0   1 1 . . . . . . . . .
+     2 <image>        +1   1 1 1 . # # # # # . .
+     3 <image>        +1   1 1 1 1 # # # # # . .
+     4 What           -1   1 1 1 1 1 . . . . . .
+     5 colour         -1   1 1 1 1 1 1 . . . . .
+     6 ?              -1   1 1 1 1 1 1 1 . . . .
+     7 <|end|>        -1   1 1 1 1 1 1 1 1 . . .
+     8 <|assistant|>  -1   1 1 1 1 1 1 1 1 1 . .
+     9 Red             0   1 1 1 1 1 1 1 1 1 1 .
+    10 <|endoftext|>   0   1 1 1 1 1 1 1 1 1 1 1
 
 Everything here is described by one integer tensor, the *window ids* ``w`` of shape (b, s):
 
@@ -25,13 +42,13 @@ Shape legend: ``b`` batch, ``s`` sequence (query) length, ``t`` key length.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-AttentionPolicy = Literal["mma", "causal"]
-ATTENTION_POLICIES: tuple[str, ...] = ("mma", "causal")
+AttentionPolicy = Literal["mma", "causal"]  # the one definition; configs and command lines read it from here
+ATTENTION_POLICIES: tuple[str, ...] = get_args(AttentionPolicy)
 
 # Token roles, as returned by `token_roles` (`aki.attention_maps.render_mask` draws them).
 OTHER, IMAGE, QUESTION, IMAGE_CAUSAL, PADDING = 0, 1, 2, 3, 4

@@ -85,9 +85,13 @@ class AkiPerceiverAttention(nn.Module):
         query = self.to_q(latents)
         key, value = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
         query, key, value = (x.view(n, -1, self.num_heads, self.head_dim).transpose(1, 2) for x in (query, key, value))
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        implementation = self.config._attn_implementation
+        if implementation == "flex_attention":
+            # The resampler has no mask, so flex brings nothing here; and torch 2.13's compiled flex,
+            # called without a block mask, reused the vision tower's kernel for these other shapes
+            # (wrong latents, NaN logits, measured on CPU).
+            implementation = "sdpa"
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, _ = attention_interface(self, query, key, value, attention_mask=None, scaling=self.scaling)
         return self.to_out(output.reshape(n, l, -1))
 
@@ -340,7 +344,9 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
     def __init__(self, config: AkiConfig):
         super().__init__(config)
         self.model = AkiModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(
+            config.text_config.hidden_size, config.text_config.vocab_size, bias=config.lm_head_bias
+        )
         self.post_init()
 
     def get_input_embeddings(self):

@@ -1,9 +1,12 @@
-"""The mask picture of `aki.attention_maps.render_mask`, read back pixel by pixel."""
+"""Pictures of attention: the mask picture and the per-layer image-to-question maps."""
 
+import sys
+
+import pytest
 import torch
 from PIL import Image
 
-from aki.attention_maps import OPENED_COLOUR, render_mask
+from aki.attention_maps import OPENED_COLOUR, import_pyplot, render_mask
 from aki.masking import dense_attention_mask, mma_window_ids, token_roles
 
 IMG, PHI_MARKER = 3, [7]
@@ -20,3 +23,9 @@ def test_render_mask(tmp_path):
     assert picture.getpixel((strip + 4 * 4 + 1, strip + 2 * 4 + 1)) == OPENED_COLOUR
     # Query 4 (text) never sees key 5.
     assert picture.getpixel((strip + 5 * 4 + 1, strip + 4 * 4 + 1)) == (255, 255, 255)
+
+
+def test_without_matplotlib_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package looks like to import
+    with pytest.raises(ImportError, match=r"pip install 'aki\[viz\]'"):
+        import_pyplot()

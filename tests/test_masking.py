@@ -1,4 +1,4 @@
-"""The MMA mask against a reference written directly from SPEC section 1, token by token."""
+"""The MMA mask against a reference written directly from the rule of docs/mma.md, token by token."""
 
 import random
 
@@ -194,3 +194,20 @@ def test_the_benchmarks_official_baseline_is_the_same_mask():
     ours = our_mask(ids, valid)
     rows = valid.bool()
     assert torch.equal(official[:, 0][rows], ours[rows])
+
+
+def test_the_worked_example_of_the_docstring_is_the_mask():
+    """The matrix written out in aki.masking's docstring (and docs/mma.md) is what the code builds."""
+    import aki.masking
+
+    rows = [line.split() for line in aki.masking.__doc__.splitlines() if line.strip()[:2].strip().isdigit()]
+    tokens = [row[1] for row in rows]
+    vocabulary = {"<image>": IMG, "<|assistant|>": PHI_MARKER[0]}
+    ids = torch.tensor([[vocabulary.get(token, TEXT_IDS[i]) for i, token in enumerate(tokens)]])
+    windows = mma_window_ids(ids, IMG, PHI_MARKER)
+    assert windows[0].tolist() == [int(row[2]) for row in rows]
+    written = torch.tensor([[cell != "." for cell in row[3:]] for row in rows])
+    opened = torch.tensor([[cell == "#" for cell in row[3:]] for row in rows])
+    assert written.shape == (11, 11) and opened.sum() == 10
+    assert torch.equal(dense_attention_mask(windows)[0], written)
+    assert torch.equal(dense_attention_mask(windows, policy="causal")[0], written & ~opened)

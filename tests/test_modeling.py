@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from helpers import chat, encode, packed_caption_and_chat
-from huggingface_hub.errors import StrictDataclassClassValidationError
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import DynamicCache
 
 from aki import AkiForConditionalGeneration, PromptSplitError
@@ -211,7 +211,7 @@ def test_bad_inputs_name_the_problem(tiny, images):
         model(input_ids=inputs["input_ids"])
     with pytest.raises(ValueError, match="pixel_values must have shape"):
         model(input_ids=inputs["input_ids"], pixel_values=torch.zeros(1, 3, 20, 20))
-    with pytest.raises(StrictDataclassClassValidationError, match="attention_policy must be one of"):
+    with pytest.raises(StrictDataclassFieldValidationError, match="attention_policy.*expected one of"):
         build_tiny("tiny", attention_policy="bidirectional")
 
 
