@@ -38,7 +38,9 @@ class SuiteUnavailable(RuntimeError):
 def download_sdist(version: str, folder: Path) -> Path:
     # --no-binary for transformers only: its build requirements still come as wheels.
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "transformers"]
-    command += ["--disable-pip-version-check", "-d", str(folder), f"transformers=={version}"]
+    # Few retries and a short timeout: without registry access the suite is skipped quickly.
+    command += ["--disable-pip-version-check", "--retries", "1", "--timeout", "30"]
+    command += ["-d", str(folder), f"transformers=={version}"]
     result = subprocess.run(command, capture_output=True, text=True)
     archive = folder / f"transformers-{version}.tar.gz"
     if result.returncode != 0 or not archive.exists():
