@@ -10,7 +10,10 @@ GenerationTesterMixin is not run: its file, `tests/generation/test_utils.py`, is
 sdist on PyPI (see `transformers_suite`). Generation conformance (assisted and prompt-lookup
 decoding, `inputs_embeds`, static cache, beam search against greedy) is tested in test_modeling.py.
 
-Result with transformers 5.24.0, both presets, 2 CPU cores: COUNTS
+Result with transformers 5.24.0, both presets (324 tests): 231 passed, 93 skipped, 0 failed, in
+24 minutes on 2 busy shared CPU cores (the four `test_bc_cache_name_forward` subtests failed in
+that run only because the project's settings hid the FutureWarning they check; rerun after the
+filter below: passed).
 
 Skips, all in one place: `SKIPS` below holds the ones this module adds (each with its reason).
 The suite's own skips, as pytest -rs reports them, are of three kinds:
@@ -116,6 +119,9 @@ class AkiModelTester:
         return config, inputs
 
 
+# The project's pytest settings ignore FutureWarning; the suite checks that the old
+# `past_key_values` name warns, so this module lets them through.
+@pytest.mark.filterwarnings("always::FutureWarning")
 class AkiCommonTests(ModelTesterMixin):
     preset: str
     all_model_classes = (AkiModel, AkiForConditionalGeneration)
