@@ -43,6 +43,13 @@ def stand_in_reply(prompt: str) -> str:
     return "0.0"
 
 
+def judged_answer(prompt: str) -> str:
+    """The model answer a judge prompt asks about (MCQ, MathVista and MM-Vet prompts)."""
+    if prompt.rstrip().endswith("|"):  # MM-Vet: the last row of its table, "question | truth | answer | "
+        return prompt.rstrip().split("\n")[-1].split("|")[2].strip()
+    return re.findall(r"(?:Answer|Model respone): (.*?)(?:\nYour output|Extracted answer:)", prompt, re.S)[-1]
+
+
 def image_b64(colour: str) -> str:
     from PIL import Image
 
@@ -128,6 +135,14 @@ CASES = {
             ]
         ],
     ],  # fmt: skip
+    "MMVet": [
+        # VLMEvalKit's per-capability numbers count a single-capability row twice (as capability and combination).
+        ({"index": index, "question": "What is it?", "answer": "a cat", "category": category}, prediction)
+        for index, (category, prediction) in enumerate([
+            ("rec", "judge-says-<1.0>"), ("rec,ocr", "judge-says-<0.0>"), ("ocr", "judge-says-<0.5>"),
+            ("rec,know,gen", "judge-says-<1.0>"), ("ocr,spat,math", "judge-says-<0.2>"), ("rec,ocr", "no idea"),
+        ])
+    ],  # fmt: skip
 }
 COLOURS = ("red", "green", "blue", "white")
 
@@ -188,6 +203,7 @@ def run_vlmevalkit(root: Path) -> dict:
         "MMMU_DEV_VAL": image_mcq.MMMUDataset,
         "MMBench_DEV_EN": image_mcq.ImageMCQDataset,
         "MathVista_MINI": image_vqa.MathVista,
+        "MMVet": image_vqa.MMVet,
     }
     goldens = {"vlmevalkit_commit": "6c85ef78"}
     for name, cls in classes.items():
@@ -203,9 +219,13 @@ def run_vlmevalkit(root: Path) -> dict:
             data.pop("image")
             eval_file = str(Path(scratch) / f"AKI_{name}.xlsx")
             dump(data, eval_file)
-            judge = {"model": "chatgpt-0125"} if cls is not image_vqa.MathVista else {"model": "gpt-4-turbo"}
+            judged_by_gpt4 = cls in (image_vqa.MathVista, image_vqa.MMVet)
+            judge = {"model": "gpt-4-turbo"} if judged_by_gpt4 else {"model": "chatgpt-0125"}
             score = dataset.evaluate(eval_file, nproc=1, **judge)
-            if cls is image_vqa.MathVista:
+            if cls is image_vqa.MMVet:
+                detail = load(eval_file.replace(".xlsx", "_gpt-4-turbo.xlsx"))
+                per_row = {str(i): float(g) for i, g in zip(detail["index"], detail["score"])}
+            elif cls is image_vqa.MathVista:
                 detail = load(eval_file.replace(".xlsx", "_gpt-4-turbo.xlsx"))
                 per_row = {str(i): {"res": str(r), "log": str(g)} for i, r, g in zip(detail["index"], detail["res"], detail["log"])}
             else:
@@ -214,7 +234,7 @@ def run_vlmevalkit(root: Path) -> dict:
         goldens[name] = {
             "score": frame_records(score),
             "per_row": per_row,
-            "judged": sorted(re.findall(r"(?:Answer|Model respone): (.*?)(?:\nYour output|Extracted answer:)", p, re.S)[-1] for p in asked),
+            "judged": sorted(judged_answer(prompt) for prompt in asked),
         }  # fmt: skip
     return goldens
 
