@@ -112,3 +112,27 @@ def test_mmvet_overall_matches_vlmevalkit_and_capabilities_count_each_question_o
         rows = [r.index for r in records if capability in r.category]
         assert ours == pytest.approx(100 * sum(grades[i] for i in rows) / len(rows))
     assert score.metrics["by_capability"]["rec"] == pytest.approx(50.0) and theirs["rec"] == pytest.approx(60.0)
+
+
+class Replaying:
+    """A predictor that answers with the fixture's predictions (no model)."""
+
+    def __init__(self, file_stems: dict[str, str]):
+        self.file_stems = file_stems
+
+    def __call__(self, benchmark, records):
+        return [PREDICTIONS[self.file_stems[benchmark.name]][record.index] for record in records]
+
+
+def test_the_judge_is_paid_once_per_question_vlmevalkit_judges_even_across_reruns(tmp_path):
+    from aki_eval.run import evaluate
+
+    stems = {"mmbench": "MMBench_DEV_EN", "mathvista": "MathVista_MINI", "seedbench": "SEEDBench_IMG"}
+    judge = StandIn()
+    first = evaluate("replay", list(stems), FOLDER, tmp_path, judge=judge, predictor=Replaying(stems))
+    assert len(judge.judged) == sum(len(GOLDENS[stem]["judged"]) for stem in stems.values())  # 4 + 6 + 5
+    assert (tmp_path / "judge_replies.jsonl").exists()
+    rerun = StandIn()
+    again = evaluate("replay", list(stems), FOLDER, tmp_path, judge=rerun, predictor=Replaying(stems))
+    assert rerun.judged == []  # every reply came from OUTPUT/judge_replies.jsonl
+    assert {k: s.columns for k, s in again.items()} == {k: s.columns for k, s in first.items()}
