@@ -1,7 +1,7 @@
 """Evaluate an AKI checkpoint on the paper's benchmarks and print the paper-format table.
 
     python -m aki_eval.run --model DIR --benchmarks mme,pope,mmbench --data-root DIR
-        [--limit N] [--batch-size B] [--policy causal|mma] [--output DIR]
+        [--limit N] [--batch-size B] [--max-new-tokens N] [--policy causal|mma] [--output DIR]
         [--judge-base-url URL --judge-model NAME --judge-api-key KEY]
 
 Predictions are appended to `OUTPUT/<benchmark>/predictions.jsonl` as they are generated, so a
@@ -116,7 +116,15 @@ def merge_predictions(folder: Path) -> dict[str, str]:
 class Predictor:
     """Batched greedy generation with left padding."""
 
-    def __init__(self, model_dir: str, policy: str | None = None, dtype: str = "float32", device: str | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        policy: str | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        max_new_tokens: int | None = None,
+    ):
+        self.max_new_tokens = max_new_tokens  # None: each benchmark's own (VLMEvalKit's)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         import aki  # noqa: F401  (registers the Auto classes)
@@ -131,9 +139,17 @@ class Predictor:
 
     @torch.no_grad()
     def generate(
-        self, contents: list[list[dict]], images: list, max_new_tokens: int, image_separator: str = "", prefix: str = ""
+        self,
+        contents: list[list[dict]],
+        images: list,
+        max_new_tokens: int,
+        image_separator: str = "",
+        prefix: str = "",
+        do_sample: bool = False,
+        **sampling,
     ) -> list[str]:
-        """Greedy answers to user turns (`content` items, `{"type": "image"}` where each image goes)."""
+        """Answers to user turns (`content` items, `{"type": "image"}` where each image goes); greedy by default,
+        else sampled with `sampling` (temperature, top_p)."""
         prompts = [
             prefix
             + self.processor.apply_chat_template(
@@ -145,7 +161,7 @@ class Predictor:
             for content in contents
         ]
         inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(self.device)
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def __call__(self, benchmark: Benchmark, records: list[Record]) -> list[str]:
@@ -155,7 +171,11 @@ class Predictor:
             contents.append(content)
             images += first_image
         return self.generate(
-            contents, images, benchmark.max_new_tokens, benchmark.image_separator, benchmark.prompt_prefix
+            contents,
+            images,
+            self.max_new_tokens or benchmark.max_new_tokens,
+            benchmark.image_separator,
+            benchmark.prompt_prefix,
         )
 
 
@@ -229,6 +249,7 @@ def evaluate(
     judge: Judge | None = None,
     predictor=None,
     hf_configs: dict[str, str] | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Score]:
     """Predict on every benchmark (this rank's shard), then, on rank 0, merge, score and write the table.
 
@@ -238,7 +259,7 @@ def evaluate(
     device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
     if ranks.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    predictor = predictor or Predictor(model, policy, device=device)
+    predictor = predictor or Predictor(model, policy, device=device, max_new_tokens=max_new_tokens)
     loaded = {}
     for benchmark in selected:
         records = benchmark.load(data_root, (hf_configs or {}).get(benchmark.name))
@@ -289,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("outputs/eval"))
     parser.add_argument("--limit", type=int, help="first N questions of each benchmark")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="cap every answer (default: each benchmark's, as VLMEvalKit)"
+    )
     parser.add_argument("--policy", choices=["mma", "causal"], help="override the checkpoint's attention policy")
     parser.add_argument(
         "--hf-config", help="config of a multi-config Hugging Face folder, e.g. mmbench=cn (mmbench reads en)"
@@ -305,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         scores = evaluate(
             args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge,
-            hf_configs=configs,
+            hf_configs=configs, max_new_tokens=args.max_new_tokens,
         )  # fmt: skip
     finally:
         if dist.is_initialized():

@@ -93,55 +93,128 @@ CASES = {
     ],
     "MathVista_MINI": [
         *[
-            ({"index": i, "question": "Which fraction?", "answer": "8/11", "question_type": "multi_choice",
-              "answer_type": "text", "choices": "['3/11', '8/11', '6/11']", "answer_option": "B",
-              "task": "figure question answering", "skills": "['algebraic reasoning']"}, prediction)
+            (
+                {
+                    "index": i,
+                    "question": "Which fraction?",
+                    "answer": "8/11",
+                    "question_type": "multi_choice",
+                    "answer_type": "text",
+                    "choices": "['3/11', '8/11', '6/11']",
+                    "answer_option": "B",
+                    "task": "figure question answering",
+                    "skills": "['algebraic reasoning']",
+                },
+                prediction,
+            )
             for i, prediction in enumerate(
                 ["The answer is (C)", "Z judge-says-<B>", "(B) 8/11", "I think judge-says-<B>"]
             )  # a wrong rule letter, even 'Z', is final: the judge is not asked
         ],
         *[
-            ({"index": 10 + i, "question": "How many?", "answer": answer, "question_type": "free_form",
-              "answer_type": kind, "choices": "", "answer_option": "", "task": "math word problem",
-              "skills": "['arithmetic reasoning', 'numeric commonsense']"}, prediction)
-            for i, (answer, kind, prediction) in enumerate([
-                ("0", "integer", "0"),  # 0 is falsy: the rule's answer is dropped and the judge asked
-                ("14", "integer", "14"),
-                ("7", "integer", "seven judge-says-<>"),  # an empty first reply is kept
-                ("7", "integer", "seven judge-says-<7>"),
-                ("1.5", "float", "1.5"),
-                ("1.5", "float", "judge-says-<1>"),
-                ("cat", "text", "cat"),  # text answers never count there
-            ])
+            (
+                {
+                    "index": 10 + i,
+                    "question": "How many?",
+                    "answer": answer,
+                    "question_type": "free_form",
+                    "answer_type": kind,
+                    "choices": "",
+                    "answer_option": "",
+                    "task": "math word problem",
+                    "skills": "['arithmetic reasoning', 'numeric commonsense']",
+                },
+                prediction,
+            )
+            for i, (answer, kind, prediction) in enumerate(
+                [
+                    ("0", "integer", "0"),  # 0 is falsy: the rule's answer is dropped and the judge asked
+                    ("14", "integer", "14"),
+                    ("7", "integer", "seven judge-says-<>"),  # an empty first reply is kept
+                    ("7", "integer", "seven judge-says-<7>"),
+                    ("1.5", "float", "1.5"),
+                    ("1.5", "float", "judge-says-<1>"),
+                    ("cat", "text", "cat"),  # text answers never count there
+                ]
+            )
         ],
     ],  # fmt: skip
     "MMBench_DEV_EN": [
         # Group 0 right by the rules; group 1 lost by a rule letter (no judge); group 2 judged twice, lost at
         # the second; group 3 lost at the first judged rotation (the second is not asked); group 4 won by a judge.
         *[
-            mcq(index, answer, prediction, options, question="What fruit?", hint="", category=category,
-                **{"l2-category": l2})
+            mcq(
+                index,
+                answer,
+                prediction,
+                options,
+                question="What fruit?",
+                hint="",
+                category=category,
+                **{"l2-category": l2},
+            )
             for index, answer, prediction, options, category, l2 in [
                 (0, "A", "A", {"A": "apple", "B": "banana"}, "image_style", "coarse_perception"),
                 (1, "A", "B", {"A": "apple", "B": "banana"}, "image_style", "coarse_perception"),
-                (2, "A", "hmm judge-says-<A>", {"A": "apple", "B": "banana"}, "ocr", "finegrained_perception (instance-level)"),
-                (3, "A", "hmm judge-says-<B>", {"A": "apple", "B": "banana"}, "ocr", "finegrained_perception (instance-level)"),
+                (
+                    2,
+                    "A",
+                    "hmm judge-says-<A>",
+                    {"A": "apple", "B": "banana"},
+                    "ocr",
+                    "finegrained_perception (instance-level)",
+                ),
+                (
+                    3,
+                    "A",
+                    "hmm judge-says-<B>",
+                    {"A": "apple", "B": "banana"},
+                    "ocr",
+                    "finegrained_perception (instance-level)",
+                ),
                 (4, "B", "(B)", {"A": "apple", "B": "banana"}, "ocr", "finegrained_perception (instance-level)"),
                 (1_000_000, "B", "B", {"A": "banana", "B": "apple"}, "image_style", "coarse_perception"),
                 (1_000_001, "B", "judge-says-<B>", {"A": "banana", "B": "apple"}, "image_style", "coarse_perception"),
-                (1_000_002, "B", "judge-says-<A>", {"A": "banana", "B": "apple"}, "ocr", "finegrained_perception (instance-level)"),
-                (1_000_003, "B", "judge-says-<B>", {"A": "banana", "B": "apple"}, "ocr", "finegrained_perception (instance-level)"),
-                (1_000_004, "A", "well judge-says-<A>", {"A": "banana", "B": "apple"}, "ocr", "finegrained_perception (instance-level)"),
+                (
+                    1_000_002,
+                    "B",
+                    "judge-says-<A>",
+                    {"A": "banana", "B": "apple"},
+                    "ocr",
+                    "finegrained_perception (instance-level)",
+                ),
+                (
+                    1_000_003,
+                    "B",
+                    "judge-says-<B>",
+                    {"A": "banana", "B": "apple"},
+                    "ocr",
+                    "finegrained_perception (instance-level)",
+                ),
+                (
+                    1_000_004,
+                    "A",
+                    "well judge-says-<A>",
+                    {"A": "banana", "B": "apple"},
+                    "ocr",
+                    "finegrained_perception (instance-level)",
+                ),
             ]
         ],
     ],  # fmt: skip
     "MMVet": [
         # VLMEvalKit's per-capability numbers count a single-capability row twice (as capability and combination).
         ({"index": index, "question": "What is it?", "answer": "a cat", "category": category}, prediction)
-        for index, (category, prediction) in enumerate([
-            ("rec", "judge-says-<1.0>"), ("rec,ocr", "judge-says-<0.0>"), ("ocr", "judge-says-<0.5>"),
-            ("rec,know,gen", "judge-says-<1.0>"), ("ocr,spat,math", "judge-says-<0.2>"), ("rec,ocr", "no idea"),
-        ])
+        for index, (category, prediction) in enumerate(
+            [
+                ("rec", "judge-says-<1.0>"),
+                ("rec,ocr", "judge-says-<0.0>"),
+                ("ocr", "judge-says-<0.5>"),
+                ("rec,know,gen", "judge-says-<1.0>"),
+                ("ocr,spat,math", "judge-says-<0.2>"),
+                ("rec,ocr", "no idea"),
+            ]
+        )
     ],  # fmt: skip
 }
 COLOURS = ("red", "green", "blue", "white")
@@ -224,13 +297,16 @@ def run_vlmevalkit(root: Path) -> dict:
             score = dataset.evaluate(eval_file, nproc=1, **judge)
             if cls is image_vqa.MMVet:
                 detail = load(eval_file.replace(".xlsx", "_gpt-4-turbo.xlsx"))
-                per_row = {str(i): float(g) for i, g in zip(detail["index"], detail["score"])}
+                per_row = {str(i): float(g) for i, g in zip(detail["index"], detail["score"], strict=True)}
             elif cls is image_vqa.MathVista:
                 detail = load(eval_file.replace(".xlsx", "_gpt-4-turbo.xlsx"))
-                per_row = {str(i): {"res": str(r), "log": str(g)} for i, r, g in zip(detail["index"], detail["res"], detail["log"])}
+                per_row = {
+                    str(i): {"res": str(r), "log": str(g)}
+                    for i, r, g in zip(detail["index"], detail["res"], detail["log"], strict=True)
+                }
             else:
                 detail = load(eval_file.replace(".xlsx", "_openai_result.xlsx"))
-                per_row = {str(i): int(h) for i, h in zip(detail["index"], detail["hit"])}
+                per_row = {str(i): int(h) for i, h in zip(detail["index"], detail["hit"], strict=True)}
         goldens[name] = {
             "score": frame_records(score),
             "per_row": per_row,
