@@ -288,7 +288,7 @@ def test_lmms_eval_adapter_shards_across_two_processes(tiny_checkpoint, tmp_path
     """Under torchrun (as under accelerate launch) each process reports its rank, so lmms-eval hands it its
     share; the two shards together answer exactly what one process answers."""
     worker = Path(__file__).parent / "lmms_eval_stand_in.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}  # accelerate's multi-CPU mode
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     for folder, launcher in (
