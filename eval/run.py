@@ -184,6 +184,8 @@ def predict(
 ) -> dict[str, str]:
     """This rank's predictions for its shard of `records`, reusing and extending its JSONL file in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
+    if ranks.world_size == 1:
+        merge_predictions(folder)  # what a stopped multi-process run left counts as done
     path = ranks.predictions_file(folder)
     predictions = read_predictions(path)
     if ranks.world_size > 1:  # what an earlier run merged counts as done
@@ -258,6 +260,8 @@ def evaluate(
     ranks = Ranks.from_environment()
     device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
     if ranks.world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(ranks.local_rank)  # NCCL's barrier runs on the current device
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     predictor = predictor or Predictor(model, policy, device=device, max_new_tokens=max_new_tokens)
     loaded = {}
