@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from aki.masking import ATTENTION_POLICIES
+
 from .benchmarks import BENCHMARKS, Benchmark, Score, get_benchmark
 from .data import Record
 from .judge import CachedJudge, Judge
@@ -306,18 +308,19 @@ def parse_hf_configs(text: str | None) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a native AKI folder")
-    paper = ",".join(name for name in BENCHMARKS if name != "shapes")
-    parser.add_argument("--benchmarks", default=paper, help=f"comma-separated: {', '.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--benchmarks",
+        default=",".join(BENCHMARKS),
+        help=f"comma-separated: {', '.join(BENCHMARKS)}, or module:Class (e.g. aki_demo.benchmark:Shapes)",
+    )
     parser.add_argument(
         "--data-root", type=Path, default=Path("data/benchmarks"), help="folder with the TSVs / dataset folders"
     )
     parser.add_argument("--output", type=Path, default=Path("outputs/eval"))
     parser.add_argument("--limit", type=int, help="first N questions of each benchmark")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument(
-        "--max-new-tokens", type=int, help="cap every answer (default: each benchmark's, as VLMEvalKit)"
-    )
-    parser.add_argument("--policy", choices=["mma", "causal"], help="override the checkpoint's attention policy")
+    parser.add_argument("--max-new-tokens", type=int, help="cap every answer (default: each benchmark's own)")
+    parser.add_argument("--policy", choices=ATTENTION_POLICIES, help="override the checkpoint's attention policy")
     parser.add_argument(
         "--hf-config", help="config of a multi-config Hugging Face folder, e.g. mmbench=cn (mmbench reads en)"
     )

@@ -3,7 +3,7 @@
 import re
 
 from ..data import Record
-from .base import Score, mean
+from .base import Score, judge_label, mean
 from .mcq import MCQBenchmark, mcq_prompt
 
 OPTION_LINE = re.compile(r"^([A-F])\.\s*(.+)$")
@@ -51,5 +51,5 @@ class RealWorldQA(MCQBenchmark):
         return Score(
             columns={"RWQA": overall},
             metrics={"Overall": overall, "answers_read_by": how, "without_options": len(records) - len(with_options)},
-            judge=judge.name if judge is not None and how.get("judge") else None,
+            judge=judge_label(judge, how),
         )
