@@ -1,11 +1,12 @@
 """Training-step throughput of AKI: causal vs MMA per backend vs the official dense-mask approach.
 
-    python benchmarks/bench_train.py [--shape small|smollm2|aki-4b] [--length 656] [--batch 4] [--out DIR]
+    python benchmarks/bench_train.py [--shape tiny|small|smollm2|aki-4b] [--length 656] [--batch 4] [--out DIR]
 
 One step = forward, summed next-token loss, backward and an AdamW update, on the AKI layout of
 the paper's SFT (144 image tokens, a question, an answer; L = 656). The official approach is
 re-stated as the official code runs it: a dense (b, 1, L, L) mask built per sample in Python every
-step, passed as an additive float mask to eager attention. `small` fits a CPU; `smollm2` is the tiny
+step, passed as an additive float mask to eager attention. `tiny` is the demo's model (2 layers x 64)
+with 144 image tokens; `small` fits a CPU; `smollm2` is the tiny
 vision tower and connector in front of a SmolLM2-135M-shaped Llama (30 layers x 576, 9 heads, 3 KV heads,
 vocabulary 49152; `--language-model` reads the shape from a folder's config.json), random weights (they
 do not change the cost); `aki-4b` is the real shape (Phi-3.5-mini + SigLIP-so400m + Perceiver), for a GPU.
@@ -49,6 +50,7 @@ SMOLLM2_TEXT = {
 }
 
 SHAPES = {
+    "tiny": {"preset": "tiny", "overrides": {"perceiver_num_latents": 144}},  # the demo's model, 144 image tokens
     "small": {
         "preset": "tiny",
         "overrides": {
