@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText
 
 from aki_demo.shapes import write_llava_json
 from aki_training.config import load_config
-from aki_training.train import build_model, free_port, train
+from aki_training.train import free_port, train
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -168,22 +168,13 @@ def test_packed_batches_give_the_same_losses_as_padded_ones(tmp_path):
 @pytest.mark.parametrize("packing", [False, True])
 def test_the_split_attention_path_trains_on_the_same_losses(tmp_path, packing):
     common = {"model.pretrained": None, "model.preset": "tiny", "max_steps": 3, "save_every": 0, "packing": packing}
-    _, sdpa = run("tiny_sft.yaml", tmp_path, "sdpa", **{"model.attn_implementation": "sdpa"}, **common)
+    _, sdpa = run("tiny_sft.yaml", tmp_path, "sdpa", **common)
     _, split = run("tiny_sft.yaml", tmp_path, "split", **{"model.attn_implementation": "aki_split"}, **common)
     expected, actual = losses(sdpa), losses(split)
     for step in expected:
         assert actual[step] == pytest.approx(expected[step], rel=1e-5), step
     with pytest.raises(ValueError, match="no_such_attention"):  # the setting is applied, not ignored
         run("tiny_sft.yaml", tmp_path, "bad", **{"model.attn_implementation": "no_such_attention"}, **common)
-
-
-def test_the_default_attention_is_the_split_path_on_cpu():
-    """Without a setting, CPU training runs MMA on the CPU flash kernel (the fastest exact path measured)."""
-    cfg = load_config(ROOT / "configs" / "tiny_sft.yaml", {"model.pretrained": None, "model.preset": "tiny"})
-    assert cfg.model.attn_implementation == "auto"
-    model, _ = build_model(cfg)
-    expected = "sdpa" if torch.cuda.is_available() else "aki_split"
-    assert model.config.text_config._attn_implementation == expected
 
 
 def test_deepspeed_checkpoint_resumes_exactly(tmp_path):
@@ -200,6 +191,8 @@ def test_deepspeed_checkpoint_resumes_exactly(tmp_path):
 
 def test_a_pretrained_language_model_gets_the_presets_vision_tower_and_connector(tmp_path):
     from helpers import save_tiny_qwen2
+
+    from aki_training.train import build_model
 
     save_tiny_qwen2(tmp_path / "qwen2")
     language = {"output_dir": str(tmp_path / "out"), "model.language_model": str(tmp_path / "qwen2")}

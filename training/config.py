@@ -28,9 +28,7 @@ class ModelConfig:
     vision_model: str | None = None  # a SigLIP folder
     language_model: str | None = None  # a causal LM folder (Phi-3, Llama, Qwen2, ...)
     attention_policy: AttentionPolicy | None = None  # overrides the checkpoint's; pretrain forces "causal"
-    # auto: the fastest exact MMA path measured (benchmarks/README.md): aki_split on CPU, sdpa on CUDA;
-    # or eager | sdpa | flex_attention | aki_split
-    attn_implementation: str = "auto"
+    attn_implementation: str = "sdpa"  # eager | sdpa | flex_attention | aki_split (FlashAttention-2 on CUDA)
     trainable: str = "connector+llm"  # connector | connector+llm | all | lora
     lora_rank: int = 16
     lora_alpha: int = 32

@@ -129,16 +129,8 @@ def build_model(cfg: TrainConfig):
         model, processor = aki.presets.build_tiny(cfg.model.preset, seed=cfg.seed, **overrides)
     else:
         raise ValueError("model needs `pretrained`, `language_model` (with `vision_model` or a preset's), or `preset`.")
-    model.set_attn_implementation(attention_backend(cfg.model.attn_implementation))
+    model.set_attn_implementation(cfg.model.attn_implementation)
     return model, processor
-
-
-def attention_backend(name: str) -> str:
-    """The attention implementation a config names; "auto" is the fastest exact MMA path measured per device
-    (benchmarks/README.md): the split path on PyTorch's CPU flash kernel on CPU, sdpa on CUDA."""
-    if name != "auto":
-        return name
-    return "sdpa" if torch.cuda.is_available() else "aki_split"
 
 
 def set_trainable(model, cfg: TrainConfig):
