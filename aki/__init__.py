@@ -2,7 +2,7 @@
 
 `import aki` registers the model with transformers' Auto classes, so `AutoConfig`, `AutoModel`,
 `AutoModelForImageTextToText` and `AutoProcessor` load AKI folders without remote code, and
-registers the "aki_split" attention implementation (MMA on FlashAttention-2, `split_attention`).
+registers the "aki_split" attention implementation (MMA on flash kernels, `split_attention`).
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor

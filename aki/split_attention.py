@@ -33,7 +33,7 @@ Shape legend: ``b`` batch, ``s`` query length, ``t`` key length, ``h`` heads, ``
 ``R`` rows of the rectangle pass.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,7 @@ class PaddedSegments:
     max_k: int
     aligned: bool  # counts_q == counts_k everywhere (no cache): top-left causal is the causal rule
     full_keys: bool  # counts_k == max_k everywhere: no padded keys
+    masks: dict = field(default_factory=dict, compare=False, repr=False)  # the kernel's, built once per forward
 
 
 def segments(counts_q: torch.Tensor, counts_k: torch.Tensor) -> Segments:
@@ -97,27 +98,32 @@ class SplitLayout:
 
     Positions are flat indices into the (b * s) queries or the (b * t) keys; rows are a kernel's rows.
     query_index (N_q,) and key_index (N_k,): the position each row of the causal pass reads, or
-    None for the first rows of every batch row (padded layout, right padding: no gather).
-    output_index (T_q,): the real queries; output_rows (T_q,) their causal rows, None when row i
-    is output i (varlen). rect_query_index (R_q,) and rect_key_index (R_k,): the positions the
-    rectangle pass reads; rect_rows (R_q,) the causal rows its rows merge into; rect_real (R_q,)
-    bool marks its real rows, None when all are.
+    None when the rows are the positions (padded layout of right-padded rows: no copy).
+    output_index (T_q,): the positions of the real queries, and output_rows (T_q,) their causal rows;
+    None when the rows are the positions (output_index) or the real queries in order (output_rows).
+    padding_rows (P,): causal rows that are padding *and* outputs; they come out as zeros.
+    rect_rows (R_q,) and rect_key_rows (R_k,): the causal pass's query and key rows the rectangle
+    pass reads (its results merge into rect_rows), and rect_query_at, rect_key_at the same as indices
+    into the causal pass's q and k. rect_padding: the rectangle pass's padding rows (they repeat a
+    real row of their block), or None.
     """
 
     batch: int
     query_length: int
     key_length: int
     kernel: type
+    causal: Segments | PaddedSegments
     query_index: torch.Tensor | None
     key_index: torch.Tensor | None
-    causal: Segments | PaddedSegments
-    output_index: torch.Tensor
+    output_index: torch.Tensor | None
     output_rows: torch.Tensor | None
-    rect_query_index: torch.Tensor | None = None
-    rect_key_index: torch.Tensor | None = None
-    rect_rows: torch.Tensor | None = None
-    rect_real: torch.Tensor | None = None
+    padding_rows: torch.Tensor | None
     rectangle: Segments | PaddedSegments | None = None
+    rect_rows: torch.Tensor | None = None
+    rect_key_rows: torch.Tensor | None = None
+    rect_query_at: tuple[torch.Tensor, ...] | None = None
+    rect_key_at: tuple[torch.Tensor, ...] | None = None
+    rect_padding: torch.Tensor | None = None
 
 
 def split_layout(
@@ -163,55 +169,78 @@ def split_layout(
     counts_q = torch.bincount(query_groups, minlength=batch * per_row)
     counts_k = torch.bincount(key_groups, minlength=batch * per_row)
 
+    output_index, output_rows, padding_rows = query_positions, None, None
     if not kernel.padded:
         causal = segments(counts_q, counts_k)
-        query_index, key_index, output_rows = query_positions, key_positions, None
-        row_of = torch.arange(len(query_positions), device=device)
+        query_index, key_index = query_positions, key_positions
+        query_row = torch.arange(len(query_positions), device=device)
+        key_row = torch.arange(len(key_positions), device=device)
     elif document_ids is None and is_prefix(query_valid, counts_q) and is_prefix(key_padding, counts_k):
-        # Right padding: every batch row is a sequence already, its real tokens first.
-        causal = padded_segments(counts_q, counts_k)
-        query_index = key_index = None
-        row_of = query_positions // query_length * causal.max_q + query_positions % query_length
-        output_rows = row_of
+        # Right padding: the batch rows are the padded sequences as they are, trailing padding included
+        # (no copy in or out; the padding rows cost what they cost causal attention).
+        causal = PaddedSegments(
+            counts_q, counts_k, query_length, key_length, bool(torch.equal(counts_q, counts_k)), False
+        )
+        query_index = key_index = output_index = None
+        padding_rows = (~query_valid).flatten().nonzero().squeeze(1)
+        padding_rows = padding_rows if len(padding_rows) else None
+        query_row, key_row = query_positions, key_positions
     else:
         kept = counts_q > 0  # a sequence without queries costs a padded block and gives nothing
         causal = padded_segments(counts_q[kept], counts_k[kept])
-        key_positions = key_positions[kept[key_groups]]
+        key_kept = kept[key_groups]
+        key_positions, key_groups = key_positions[key_kept], key_groups[key_kept]
         query_index = pad_rows(query_positions, causal.counts_q, causal.max_q)
         key_index = pad_rows(key_positions, causal.counts_k, causal.max_k)
-        sequence = kept.cumsum(0)[query_groups] - 1
-        starts = F.pad(causal.counts_q.cumsum(0), (1, 0))[sequence]
-        row_of = sequence * causal.max_q + torch.arange(len(query_positions), device=device) - starts
-        output_rows = row_of
+        sequence = kept.cumsum(0) - 1
+        query_row = padded_row(sequence[query_groups], causal.counts_q, causal.max_q)
+        key_row = padded_row(sequence[key_groups], causal.counts_k, causal.max_k)
+        output_rows = query_row
     layout = SplitLayout(
-        batch, query_length, key_length, kernel, query_index, key_index, causal, query_positions, output_rows
-    )
+        batch, query_length, key_length, kernel, causal, query_index, key_index, output_index, output_rows,
+        padding_rows,
+    )  # fmt: skip
     if window_ids is None or not (window_ids > 0).any():
         return layout
     blocks = rectangle_blocks(window_ids, query_valid, past, key_length)
     if blocks is None:
         return layout
     block_queries, query_counts, block_keys, key_counts = blocks
-    # Causal row of every query position (only real positions are read).
-    causal_row = torch.zeros(batch * query_length, dtype=torch.long, device=device)
-    causal_row[query_positions] = row_of
+    # The rectangle reads the causal pass's rows: map positions to them (only real positions are read).
+    causal_query_row = torch.zeros(batch * query_length, dtype=torch.long, device=device)
+    causal_query_row[query_positions] = query_row
+    causal_key_row = torch.zeros(batch * key_length, dtype=torch.long, device=device)
+    causal_key_row[key_positions] = key_row
+    rect_padding = None
     if kernel.padded:
         rectangle = padded_segments(query_counts, key_counts)
-        rect_query_index = pad_rows(block_queries, query_counts, rectangle.max_q)
-        rect_key_index = pad_rows(block_keys, key_counts, rectangle.max_k)
-        slots = torch.arange(rectangle.max_q, device=device)
-        rect_real = (slots < query_counts[:, None]).flatten()
+        block_queries = pad_rows(block_queries, query_counts, rectangle.max_q)
+        block_keys = pad_rows(block_keys, key_counts, rectangle.max_k)
+        rect_padding = (torch.arange(rectangle.max_q, device=device) >= query_counts[:, None]).flatten().nonzero()
+        rect_padding = rect_padding.squeeze(1) if len(rect_padding) else None
     else:
-        rectangle, rect_query_index, rect_key_index, rect_real = (
-            segments(query_counts, key_counts),
-            block_queries,
-            block_keys,
-            None,
-        )
-    return SplitLayout(
-        batch, query_length, key_length, kernel, query_index, key_index, causal, query_positions, output_rows,
-        rect_query_index, rect_key_index, causal_row[rect_query_index], rect_real, rectangle,
-    )  # fmt: skip
+        rectangle = segments(query_counts, key_counts)
+    rect_rows, rect_key_rows = causal_query_row[block_queries], causal_key_row[block_keys]
+    return replace(
+        layout,
+        rectangle=rectangle,
+        rect_rows=rect_rows,
+        rect_key_rows=rect_key_rows,
+        rect_query_at=rows_index(rect_rows, causal.max_q if kernel.padded else None),
+        rect_key_at=rows_index(rect_key_rows, causal.max_k if kernel.padded else None),
+        rect_padding=rect_padding,
+    )
+
+
+def rows_index(rows: torch.Tensor, width: int | None) -> tuple[torch.Tensor, ...]:
+    """Index of a kernel's rows (R,) into its q or k: (T, h, e) varlen (width None) or (n, width, h, e) padded."""
+    return (rows,) if width is None else (rows // width, rows % width)
+
+
+def padded_row(sequence: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """Padded row of tokens (T,) given end to end with their sequence, sequence i holding counts[i]."""
+    starts = F.pad(counts.cumsum(0), (1, 0))[sequence]
+    return sequence * width + torch.arange(len(sequence), device=sequence.device) - starts
 
 
 def is_prefix(valid: torch.Tensor, counts: torch.Tensor) -> bool:
@@ -362,25 +391,32 @@ class CpuFlashKernel:
 
     @staticmethod
     def allowed(seg: PaddedSegments, causal: bool, window: int | None) -> torch.Tensor:
-        """(n, L_q, L_k) bool: real keys, causal (bottom-right) and sliding-window where asked.
-        Padding query rows may read every key, so no row is empty."""
+        """(n, L_q, L_k) bool: real keys, and causal (bottom-right) with a sliding window where asked.
+
+        Without `causal` every row reads its sequence's real keys, padding rows too (they repeat a
+        real row). Causal padding rows may read every key, so none is empty."""
         device = seg.counts_q.device
         slots_q, slots_k = torch.arange(seg.max_q, device=device), torch.arange(seg.max_k, device=device)
         allowed = (slots_k < seg.counts_k[:, None, None]).expand(-1, seg.max_q, -1)
+        if not causal:
+            return allowed
         position_q = slots_q[None, :, None] + (seg.counts_k - seg.counts_q)[:, None, None]
-        if causal:
-            allowed = allowed & (slots_k <= position_q)
+        allowed = allowed & (slots_k <= position_q)
         if window is not None:
             allowed = allowed & (position_q - slots_k < window)
         return allowed | (slots_q[None, :, None] >= seg.counts_q[:, None, None])
 
     @classmethod
     def _mask(cls, seg: PaddedSegments, causal: bool, window: int | None, dtype) -> torch.Tensor | None:
-        """The additive (n, 1, L_q, L_k) mask, or None where the kernel's own `is_causal` flag is exact."""
+        """The additive (n, 1, L_q, L_k) mask, or None where the kernel's own `is_causal` flag is exact;
+        built once per layout (every layer shares it)."""
         if window is None and (seg.aligned if causal else seg.full_keys):
             return None
-        allowed = cls.allowed(seg, causal, window)[:, None]
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        if (causal, window, dtype) not in seg.masks:
+            allowed = cls.allowed(seg, causal, window)[:, None]
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            seg.masks[causal, window, dtype] = additive.masked_fill_(~allowed, float("-inf"))
+        return seg.masks[causal, window, dtype]
 
     @staticmethod
     def _check(seg, q, k) -> None:
@@ -427,59 +463,76 @@ def kernel_for(device: torch.device) -> type:
     return {"cuda": FlashKernel, "cpu": CpuFlashKernel}.get(torch.device(device).type, ReferenceKernel)
 
 
-def merge_rectangle(out, lse, rect_out, rect_lse, rows: torch.Tensor, real: torch.Tensor | None) -> None:
+def merge_rectangle(out, lse, rect_out, rect_lse, rows: torch.Tensor) -> None:
     """Fold the rectangle pass (rect_out (R, h, e), rect_lse (R, h)) into the causal rows `rows` (R,)
-    of out (N, h, e) and lse (N, h), in place; `real` (R,) bool drops the rectangle's padding rows."""
-    if real is not None:
-        rows, rect_out, rect_lse = rows[real], rect_out[real], rect_lse[real]
+    of out (N, h, e) and lse (N, h), in place. The causal pass's share is sigmoid(l_c - l_r)."""
     causal_lse = lse[rows]
-    merged_lse = torch.logaddexp(causal_lse, rect_lse)
-    merged = torch.exp(causal_lse - merged_lse)[..., None] * out[rows].float()
-    merged = merged + torch.exp(rect_lse - merged_lse)[..., None] * rect_out.float()
+    causal_share = torch.sigmoid(causal_lse - rect_lse)[..., None]
+    merged = torch.lerp(rect_out.float(), out[rows].float(), causal_share)
     out.index_copy_(0, rows, merged.to(out.dtype))
-    lse.index_copy_(0, rows, merged_lse)
+    lse.index_copy_(0, rows, torch.logaddexp(causal_lse, rect_lse))
 
 
 class SplitAttention(torch.autograd.Function):
-    """Causal pass + rectangle pass, merged by log-sum-exp; the causal pass's (N_q, h, e) rows out."""
+    """Causal pass + rectangle pass, merged by log-sum-exp; the causal pass's (N_q, h, e) rows out.
+
+    The rectangle pass reads rows of the causal pass's q, k, v and adds its gradients to theirs.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, rect_q, rect_k, rect_v, layout: SplitLayout, scale: float, window: int | None):
+    def forward(ctx, q, k, v, layout: SplitLayout, scale: float, window: int | None):
         kernel = layout.kernel
         out, lse = kernel.forward(q, k, v, layout.causal, True, scale, window)
         if layout.rectangle is not None:
+            rect_q, rect_k, rect_v = rectangle_inputs(q, k, v, layout)
             rect_out, rect_lse = kernel.forward(rect_q, rect_k, rect_v, layout.rectangle, False, scale, None)
-            merge_rectangle(out, lse, rect_out, rect_lse, layout.rect_rows, layout.rect_real)
-        ctx.save_for_backward(q, k, v, rect_q, rect_k, rect_v, out, lse)
+            # Padding rows of the rectangle pass repeat a real row: they write the same values again.
+            merge_rectangle(out, lse, rect_out, rect_lse, layout.rect_rows)
+        if layout.padding_rows is not None:
+            out.index_fill_(0, layout.padding_rows, 0.0)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.window = layout, scale, window
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, rect_q, rect_k, rect_v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         layout, kernel = ctx.layout, ctx.layout.kernel
+        if layout.padding_rows is not None:  # they came out as constant zeros
+            grad_out = grad_out.index_fill(0, layout.padding_rows, 0.0)
         grads = kernel.backward(grad_out, q, k, v, out, lse, layout.causal, True, ctx.scale, ctx.window)
-        rect_grads = (None, None, None)
         if layout.rectangle is not None:
             rows = layout.rect_rows
             rect_grad_out = grad_out[rows]
-            if layout.rect_real is not None:  # padding rows repeat a real row's query and statistics, without gradient
-                rect_grad_out = rect_grad_out.masked_fill_(~layout.rect_real[:, None, None], 0.0)
+            if layout.rect_padding is not None:  # they repeat a real row, whose gradient counts once
+                rect_grad_out.index_fill_(0, layout.rect_padding, 0.0)
             rect_grads = kernel.backward(
-                rect_grad_out, rect_q, rect_k, rect_v, out[rows], lse[rows], layout.rectangle, False, ctx.scale, None
-            )
-        return (*grads, *rect_grads, None, None, None)
+                rect_grad_out, *rectangle_inputs(q, k, v, layout), out[rows], lse[rows], layout.rectangle, False,
+                ctx.scale, None,
+            )  # fmt: skip
+            indices = (layout.rect_query_at, layout.rect_key_at, layout.rect_key_at)
+            for grad, rect_grad, index in zip(grads, rect_grads, indices, strict=True):
+                grad.index_put_(index, rect_grad.flatten(0, -3), accumulate=True)
+        return (*grads, None, None, None)
 
 
-def gather(tokens: torch.Tensor, index: torch.Tensor | None, seg, queries: bool) -> torch.Tensor:
-    """A kernel's rows from tokens (b, s, h, e): (T, h, e) varlen, (n, L, h, e) padded (a view when index is None)."""
-    if isinstance(seg, PaddedSegments):
-        length = seg.max_q if queries else seg.max_k
-        if index is None:
-            return tokens[:, :length]
-        rows = tokens[index // tokens.shape[1], index % tokens.shape[1]]
-        return rows.view(-1, length, *rows.shape[1:])
-    return tokens[index // tokens.shape[1], index % tokens.shape[1]]
+def rectangle_inputs(q, k, v, layout: SplitLayout) -> tuple[torch.Tensor, ...]:
+    """The rectangle pass's q, k, v: rows of the causal pass's, shaped for its kernel."""
+    rect_q = q[layout.rect_query_at]
+    rect_k, rect_v = k[layout.rect_key_at], v[layout.rect_key_at]
+    if isinstance(layout.rectangle, PaddedSegments):
+        rect_q = rect_q.unflatten(0, (-1, layout.rectangle.max_q))
+        rect_k, rect_v = (x.unflatten(0, (-1, layout.rectangle.max_k)) for x in (rect_k, rect_v))
+    return rect_q, rect_k, rect_v
+
+
+def gather(tokens: torch.Tensor, index: torch.Tensor | None, width: int | None) -> torch.Tensor:
+    """A kernel's rows from tokens (b, s, h, e): the tokens themselves (index None), (T, h, e) varlen
+    (width None) or (n, width, h, e) padded."""
+    if index is None:
+        return tokens
+    rows = tokens[index // tokens.shape[1], index % tokens.shape[1]]
+    return rows if width is None else rows.unflatten(0, (-1, width))
 
 
 def split_attention_forward(
@@ -519,19 +572,15 @@ def split_attention_forward(
         )
     if not layout.kernel.grouped_heads:  # grouped key/value heads are repeated: plain multi-head attention
         key, value = (x.repeat_interleave(h // key.shape[1], dim=1) for x in (key, value))
-    queries, keys, values = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    q = gather(queries, layout.query_index, layout.causal, queries=True)
-    k, v = (gather(x, layout.key_index, layout.causal, queries=False) for x in (keys, values))
-    rect_q = rect_k = rect_v = None
-    if layout.rectangle is not None:
-        rect_q = gather(queries, layout.rect_query_index, layout.rectangle, queries=True)
-        rect_k, rect_v = (gather(x, layout.rect_key_index, layout.rectangle, queries=False) for x in (keys, values))
+    padded = isinstance(layout.causal, PaddedSegments)
+    q = gather(query.transpose(1, 2), layout.query_index, layout.causal.max_q if padded else None)
+    k, v = (gather(x.transpose(1, 2), layout.key_index, layout.causal.max_k if padded else None) for x in (key, value))
     window = sliding_window if sliding_window is not None and sliding_window < t else None
-    out = SplitAttention.apply(q, k, v, rect_q, rect_k, rect_v, layout, scale, window)
-    if layout.output_rows is not None:
-        out = out[layout.output_rows]
-    output = out.new_zeros(b * s, h, e).index_copy(0, layout.output_index, out)
-    return output.view(b, s, h, e), None
+    out = SplitAttention.apply(q, k, v, layout, scale, window)
+    if layout.output_index is not None:
+        out = out if layout.output_rows is None else out[layout.output_rows]
+        out = out.new_zeros(b * s, h, e).index_copy(0, layout.output_index, out)
+    return out.view(b, s, h, e), None
 
 
 AttentionInterface.register(SPLIT_ATTENTION, split_attention_forward)

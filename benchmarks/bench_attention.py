@@ -6,9 +6,12 @@ Three measurements, each printed as a table with ratios against a baseline measu
 1. mask construction for a batch (ours, vectorised, vs the official per-sample Python loop);
 2. one attention layer (h=8 heads of 64), forward and forward+backward: causal (`is_causal`), MMA through
    sdpa with our boolean mask, eager with an additive mask, flex_attention with a block mask (forward
-   only on CPU), the split path (FlashAttention-2 causal pass + rectangle pass, CUDA only), and the
-   official approach (dense float mask built per sample, eager attention); bf16 on CUDA, fp32 on CPU;
+   only on CPU), the split path `aki_split` (causal pass + rectangle pass: FlashAttention-2 varlen on
+   CUDA, PyTorch's CPU flash kernel on CPU), and the official approach (dense float mask built per
+   sample, eager attention); bf16 on CUDA, fp32 on CPU;
 3. the tiny AKI model, forward+backward, causal vs MMA per backend.
+The methods of one table run in turn (round robin) and report medians, so load on a shared machine
+falls on all of them alike. `--methods` keeps the methods whose names contain one of its words.
 Writes `attention.csv`, `masks.csv`, `model.csv` and `attention.png` under --out.
 """
 
@@ -21,7 +24,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, layout, official_mask, our_mask, peak_memory, print_table, timed, write_csv  # noqa: E402
+from common import (  # noqa: E402
+    device_name,
+    layout,
+    official_mask,
+    our_mask,
+    peak_memory,
+    print_table,
+    timed,
+    timed_together,
+    write_csv,
+)
 
 from aki.masking import mma_mask_function, mma_window_ids  # noqa: E402
 
@@ -77,24 +90,27 @@ def attention_methods(batch: int, length: int, device: torch.device):
         methods["mma flex (block mask)"] = lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
     except Exception as error:  # noqa: BLE001 - report, do not fail the other measurements
         print(f"flex_attention unavailable: {error}")
-    if device.type == "cuda":  # the split path's CPU kernel is a dense reference, not worth timing
-        from aki.split_attention import split_attention_forward, split_layout
+    from aki.split_attention import split_attention_forward, split_layout
 
-        for name, window_ids in (
-            ("causal split (FlashAttention-2 varlen)", None),
-            ("mma split (FA2 + rectangle)", windows),
-        ):
-            split = split_layout(valid.to(device), batch, length, length, device, window_ids)
-            methods[name] = lambda q, k, v, split=split: split_attention_forward(
-                None, q, k, v, None, aki_split_layout=split
-            )[0]
+    for name, window_ids in (("causal split (aki_split)", None), ("mma split (aki_split)", windows)):
+        split = split_layout(valid.to(device), batch, length, length, device, window_ids)
+
+        def split_attention(q, k, v, split=split):
+            return split_attention_forward(None, q, k, v, None, aki_split_layout=split)[0]
+
+        methods[name] = split_attention
     return methods
 
 
-def bench_attention(batch: int, length: int, device: torch.device) -> list[dict]:
-    rows = []
+def bench_attention(batch: int, length: int, device: torch.device, keep: list[str], repeats: int) -> list[dict]:
     shape = (batch, HEADS, length, HEAD_DIM)
-    for name, method in attention_methods(batch, length, device).items():
+    methods = {
+        name: method
+        for name, method in attention_methods(batch, length, device).items()
+        if name.startswith("causal (") or any(word in name for word in keep)
+    }
+    forwards, forward_backwards = {}, {}
+    for name, method in methods.items():
         trainable = not ("flex" in name and device.type == "cpu")  # flex_attention has no CPU backward
         q, k, v = (torch.randn(shape, device=device, dtype=DTYPE, requires_grad=trainable) for _ in range(3))
 
@@ -105,14 +121,19 @@ def bench_attention(batch: int, length: int, device: torch.device) -> list[dict]
         def forward_backward(method=method, q=q, k=k, v=v):
             method(q, k, v).sum().backward()
 
-        row = {"method": name, "batch": batch, "length": length, "forward_s": timed(forward, repeats=3)}
-        if not trainable:
-            row["forward_backward_s"] = None
-        else:
-            row["forward_backward_s"] = timed(forward_backward, repeats=3)
-            row["peak_mib"] = peak_memory(forward_backward)
+        forwards[name] = forward
+        if trainable:
+            forward_backwards[name] = forward_backward
+    forward_s = timed_together(forwards, repeats=repeats)
+    forward_backward_s = timed_together(forward_backwards, repeats=repeats)
+    rows = []
+    for name in methods:
+        row = {"method": name, "batch": batch, "length": length, "forward_s": forward_s[name]}
+        row["forward_backward_s"] = forward_backward_s.get(name)
+        if name in forward_backwards:
+            row["peak_mib"] = peak_memory(forward_backwards[name])
         rows.append(row)
-    base = next(r for r in rows if r["method"].startswith("causal"))
+    base = rows[0]
     for row in rows:
         row["forward_vs_causal"] = row["forward_s"] / base["forward_s"]
         if row["forward_backward_s"] is not None:
@@ -120,7 +141,7 @@ def bench_attention(batch: int, length: int, device: torch.device) -> list[dict]
     return rows
 
 
-def bench_model(length: int, device: torch.device) -> list[dict]:
+def bench_model(length: int, device: torch.device, repeats: int) -> list[dict]:
     from aki.presets import build_tiny
 
     rows = []
@@ -135,21 +156,28 @@ def bench_model(length: int, device: torch.device) -> list[dict]:
     images = int((ids == model.config.image_token_id).sum()) // model.config.num_image_tokens
     pixel_values = torch.randn(images, 3, 32, 32, device=device, dtype=DTYPE)
     inputs = {"input_ids": ids.to(device), "attention_mask": valid.to(device), "pixel_values": pixel_values}
-    backends = ("sdpa", "eager", "aki_split") if device.type == "cuda" else ("sdpa", "eager")
-    for implementation in backends:
-        model.set_attn_implementation(implementation)
+    steps = {}
+    for implementation in ("sdpa", "eager", "aki_split"):
         for policy in ("causal", "mma"):
-            model.config.attention_policy = policy
 
-            def step():
+            def step(implementation=implementation, policy=policy):
+                model.set_attn_implementation(implementation)
+                model.config.attention_policy = policy
                 model(**inputs).logits.sum().backward()
 
-            rows.append(
-                {"backend": implementation, "policy": policy, "length": length, "fwd_bwd_s": timed(step, repeats=3)}
-            )
-    for row in rows:
-        base = next(r for r in rows if r["backend"] == row["backend"] and r["policy"] == "causal")
-        row["vs_causal"] = row["fwd_bwd_s"] / base["fwd_bwd_s"]
+            steps[(implementation, policy)] = step
+    seconds = timed_together(steps, repeats=repeats)
+    for (implementation, policy), step_s in seconds.items():
+        causal = seconds[(implementation, "causal")]
+        rows.append(
+            {
+                "backend": implementation,
+                "policy": policy,
+                "length": length,
+                "fwd_bwd_s": step_s,
+                "vs_causal": step_s / causal,
+            }
+        )
     model.config.attention_policy = "mma"
     return rows
 
@@ -184,25 +212,40 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", default="1,4,16" if torch.cuda.is_available() else "1,4")
     parser.add_argument("--mask-batch", type=int, default=32)
     parser.add_argument("--model-length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", default="", help="comma-separated words; keep the methods naming one (and causal)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: masks, attention, model")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep = [word for word in args.methods.split(",") if word] or [""]
+    skip = set(args.skip.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     print(f"device: {device_name()}; torch {torch.__version__}")
 
-    masks = [bench_masks(args.mask_batch, length) for length in lengths]
-    print_table(f"Mask construction, batch {args.mask_batch} (speedup = official loop / ours)", masks)
-    attention = [row for batch in batches for length in lengths for row in bench_attention(batch, length, device)]
-    print_table("One attention layer (ratios against causal in the same run)", attention)
-    model = bench_model(args.model_length, device)
-    print_table("Tiny AKI, forward+backward (ratios against causal, same backend)", model)
-
-    write_csv(masks, args.out / "masks.csv")
-    write_csv(attention, args.out / "attention.csv")
-    write_csv(model, args.out / "model.csv")
-    plot(attention, args.out / "attention.png")
-    print(f"\nwrote {args.out}/masks.csv, attention.csv, model.csv, attention.png")
+    if "masks" not in skip:
+        masks = [bench_masks(args.mask_batch, length) for length in lengths]
+        print_table(f"Mask construction, batch {args.mask_batch} (speedup = official loop / ours)", masks)
+        write_csv(masks, args.out / "masks.csv")
+    if "attention" not in skip:
+        attention = []
+        for batch in batches:
+            for length in lengths:
+                rows = bench_attention(batch, length, device, keep, args.repeats)
+                print_table(f"One attention layer, batch {batch}, L {length}", rows)
+                attention += rows
+        print_table("One attention layer (ratios against causal in the same run)", attention)
+        write_csv(attention, args.out / "attention.csv")
+        plot(attention, args.out / "attention.png")
+    if "model" not in skip:
+        model = bench_model(args.model_length, device, args.repeats)
+        print_table("Tiny AKI, forward+backward (ratios against causal, same backend)", model)
+        write_csv(model, args.out / "model.csv")
+    print(f"\nwrote the tables under {args.out}")
 
 
 if __name__ == "__main__":

@@ -58,18 +58,26 @@ def our_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 def timed(function, repeats: int = 5, warmup: int = 1) -> float:
     """Median seconds of `function()` over `repeats` runs."""
-    for _ in range(warmup):
-        function()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    times = []
+    return timed_together({"function": function}, repeats, warmup)["function"]
+
+
+def timed_together(functions: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Median seconds of each function, run in turn (round robin), so that load on a shared machine
+    falls on all of them alike; {name: seconds}."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times = {name: [] for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for name, function in functions.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            function()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 def peak_memory(function) -> float | None:

@@ -43,12 +43,27 @@ class Record:
         return [image() if callable(image) else image for image in self.images]
 
 
+# The strings pandas' read_csv and read_excel turn into NaN by default. VLMEvalKit reads its TSVs
+# with pandas, so an option cell "None" or "N/A" is no option there, and a prediction "None" that
+# went through its .xlsx file is scored as the text "nan".
+PANDAS_MISSING = frozenset(
+    ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+     "NULL", "NaN", "None", "n/a", "nan", "null")
+)  # fmt: skip
+
+
 def is_missing(value) -> bool:
+    """Whether pandas would read the cell as missing (NaN)."""
     return (
         value is None
         or (isinstance(value, float) and math.isnan(value))
-        or (isinstance(value, str) and value in ("", "nan", "NaN"))
+        or (isinstance(value, str) and value in PANDAS_MISSING)
     )
+
+
+def as_read_back(prediction: str) -> str:
+    """A prediction as VLMEvalKit scores it after its .xlsx round trip: what pandas reads as missing becomes 'nan'."""
+    return "nan" if is_missing(prediction) else prediction
 
 
 def decode_base64_image(data: str) -> Image.Image:
@@ -85,14 +100,22 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def read_hf(path: Path, split: str | None = None) -> list[dict]:
-    """The rows of a local Hugging Face dataset (decoded images are PIL images)."""
+def read_hf(path: Path, split: str | None = None, config: str | None = None) -> list[dict]:
+    """The rows of a local Hugging Face dataset (decoded images are PIL images).
+
+    `config` picks one config of a hub snapshot that declares several (MMBench's cc, cn, en).
+    """
     import datasets
 
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         dataset = datasets.load_from_disk(str(path))
     else:
-        dataset = datasets.load_dataset(str(path))
+        configs = datasets.get_dataset_config_names(str(path))
+        if config is not None and config not in configs:
+            raise BenchmarkDataError(f"{path} has no config {config!r}; configs: {configs}.")
+        if config is None and len(configs) > 1:
+            raise BenchmarkDataError(f"{path} holds configs {configs}; choose one (--hf-config BENCHMARK=CONFIG).")
+        dataset = datasets.load_dataset(str(path), config)
     if isinstance(dataset, datasets.DatasetDict):
         if split is None:
             split = next(iter(dataset))
@@ -100,6 +123,17 @@ def read_hf(path: Path, split: str | None = None) -> list[dict]:
             raise BenchmarkDataError(f"{path} has no split {split!r}; splits: {sorted(dataset)}.")
         dataset = dataset[split]
     return list(dataset)
+
+
+def refuse_duplicate_ids(records: list[Record], path: Path) -> None:
+    """Predictions are keyed by record id: two records with one id would overwrite each other's."""
+    seen = set()
+    for record in records:
+        if record.index in seen:
+            raise BenchmarkDataError(
+                f"{path}: the record id {record.index!r} occurs twice; ids must be unique within a benchmark."
+            )
+        seen.add(record.index)
 
 
 def options_of(row: dict, letters: str = "ABCDEFGHI") -> dict[str, str]:

@@ -5,12 +5,15 @@ Configured by flags or the environment: `AKI_JUDGE_BASE_URL` (e.g. http://127.0.
 Every judged number is reported with `Judge.name`.
 """
 
+import hashlib
 import json
 import logging
 import os
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from pathlib import Path
 
 logger = logging.getLogger("aki.eval.judge")
 
@@ -75,3 +78,39 @@ class Judge:
     def ask(self, prompt: str, system: str | None = None, **kwargs) -> str:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.complete(messages, **kwargs)
+
+
+class CachedJudge:
+    """A judge whose replies are kept in a JSONL file, so a rerun or a second scoring never pays twice.
+
+    A reply is keyed by the judge's name, the messages and the settings, and by how many times this
+    object was already asked the same thing: a retry of an unusable reply (MCQ matching asks up to
+    three times) is a new question the first time and a cached one on every rerun.
+    """
+
+    def __init__(self, judge, path: Path):
+        self.judge, self.path = judge, Path(path)
+        self.replies: dict[str, str] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                self.replies[entry["key"]] = entry["reply"]
+        self.asked: Counter[str] = Counter()
+
+    @property
+    def name(self) -> str:
+        return self.judge.name
+
+    def ask(self, prompt: str, system: str | None = None, **kwargs) -> str:
+        question = json.dumps([self.judge.name, system, prompt, sorted(kwargs.items())])
+        key = hashlib.sha256(f"{question}\n{self.asked[question]}".encode()).hexdigest()
+        self.asked[question] += 1
+        if key not in self.replies:
+            self.replies[key] = self.judge.ask(prompt, system, **kwargs)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"key": key, "reply": self.replies[key]}) + "\n")
+        return self.replies[key]

@@ -1,30 +1,40 @@
 """Evaluate an AKI checkpoint on the paper's benchmarks and print the paper-format table.
 
     python -m aki_eval.run --model DIR --benchmarks mme,pope,mmbench --data-root DIR
-        [--limit N] [--batch-size B] [--policy causal|mma] [--output DIR]
+        [--limit N] [--batch-size B] [--max-new-tokens N] [--policy causal|mma] [--output DIR]
         [--judge-base-url URL --judge-model NAME --judge-api-key KEY]
 
 Predictions are appended to `OUTPUT/<benchmark>/predictions.jsonl` as they are generated, so a
 killed run resumes where it stopped. `OUTPUT/results.json` holds every metric, and
 `OUTPUT/table.md` the paper's columns with AKI-4B's numbers (Table 2) and the difference.
+Judge replies are kept in `OUTPUT/judge_replies.jsonl`: scoring again never asks the judge twice.
+
+Data parallel, one process per GPU (`torchrun` or `accelerate launch` set RANK and WORLD_SIZE):
+
+    torchrun --nproc_per_node 8 -m aki_eval.run --model DIR --data-root DIR --output DIR
+
+Rank r answers every WORLD_SIZE-th question into `predictions.rank<r>.jsonl` (and resumes from it);
+rank 0 then merges them into `predictions.jsonl`, scores and writes the table.
 """
 
 import argparse
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from aki.masking import ATTENTION_POLICIES
 
 from .benchmarks import BENCHMARKS, Benchmark, Score, get_benchmark
 from .data import Record
-from .judge import Judge
+from .judge import CachedJudge, Judge
 from .paper import AKI_4B_TABLE_2, COLUMNS
 
 logger = logging.getLogger("aki.eval")
@@ -43,8 +53,10 @@ def aki_content(message: list[dict]) -> tuple[list[dict], list]:
     return content, images
 
 
-def read_predictions(path: Path) -> dict[str, str]:
-    """Predictions written so far; a line cut short by a kill is dropped (and its question asked again)."""
+def read_predictions(path: Path, repair: bool = True) -> dict[str, str]:
+    """Predictions written so far; a line cut short by a kill is dropped (and its question asked again).
+
+    With `repair`, the file is rewritten without such lines (only its own writer may do that)."""
     predictions = {}
     if not path.exists():
         return predictions
@@ -57,15 +69,64 @@ def read_predictions(path: Path) -> dict[str, str]:
             continue
         predictions[record["index"]] = record["prediction"]
         good.append(line)
-    if len(good) != len(lines):
+    if repair and len(good) != len(lines):
         path.write_text("".join(line + "\n" for line in good))
+    return predictions
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel run (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "Ranks":
+        """RANK, WORLD_SIZE and LOCAL_RANK, as torchrun and accelerate launch set them."""
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    def shard(self, records: list[Record]) -> list[Record]:
+        return records[self.rank :: self.world_size]
+
+    def predictions_file(self, folder: Path) -> Path:
+        return folder / ("predictions.jsonl" if self.world_size == 1 else f"predictions.rank{self.rank}.jsonl")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def merge_predictions(folder: Path) -> dict[str, str]:
+    """Rank 0, after every rank finished: the rank files folded into `predictions.jsonl` (then removed)."""
+    merged = folder / "predictions.jsonl"
+    predictions = read_predictions(merged)
+    rank_files = sorted(folder.glob("predictions.rank*.jsonl"))
+    for path in rank_files:
+        predictions.update(read_predictions(path, repair=False))
+    if rank_files:
+        partial = merged.with_suffix(".jsonl.partial")
+        partial.write_text("".join(json.dumps({"index": k, "prediction": v}) + "\n" for k, v in predictions.items()))
+        partial.replace(merged)
+        for path in rank_files:
+            path.unlink()
     return predictions
 
 
 class Predictor:
     """Batched greedy generation with left padding."""
 
-    def __init__(self, model_dir: str, policy: str | None = None, dtype: str = "float32", device: str | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        policy: str | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        max_new_tokens: int | None = None,
+    ):
+        self.max_new_tokens = max_new_tokens  # None: each benchmark's own (VLMEvalKit's)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         import aki  # noqa: F401  (registers the Auto classes)
@@ -80,9 +141,17 @@ class Predictor:
 
     @torch.no_grad()
     def generate(
-        self, contents: list[list[dict]], images: list, max_new_tokens: int, image_separator: str = "", prefix: str = ""
+        self,
+        contents: list[list[dict]],
+        images: list,
+        max_new_tokens: int,
+        image_separator: str = "",
+        prefix: str = "",
+        do_sample: bool = False,
+        **sampling,
     ) -> list[str]:
-        """Greedy answers to user turns (`content` items, `{"type": "image"}` where each image goes)."""
+        """Answers to user turns (`content` items, `{"type": "image"}` where each image goes); greedy by default,
+        else sampled with `sampling` (temperature, top_p)."""
         prompts = [
             prefix
             + self.processor.apply_chat_template(
@@ -94,7 +163,7 @@ class Predictor:
             for content in contents
         ]
         inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(self.device)
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def __call__(self, benchmark: Benchmark, records: list[Record]) -> list[str]:
@@ -104,20 +173,32 @@ class Predictor:
             contents.append(content)
             images += first_image
         return self.generate(
-            contents, images, benchmark.max_new_tokens, benchmark.image_separator, benchmark.prompt_prefix
+            contents,
+            images,
+            self.max_new_tokens or benchmark.max_new_tokens,
+            benchmark.image_separator,
+            benchmark.prompt_prefix,
         )
 
 
-def predict(benchmark: Benchmark, records: list[Record], predictor, path: Path, batch_size: int) -> dict[str, str]:
-    """Predictions for every record, reusing and extending the JSONL file at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def predict(
+    benchmark: Benchmark, records: list[Record], predictor, folder: Path, batch_size: int, ranks: Ranks = Ranks()
+) -> dict[str, str]:
+    """This rank's predictions for its shard of `records`, reusing and extending its JSONL file in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if ranks.world_size == 1:
+        merge_predictions(folder)  # what a stopped multi-process run left counts as done
+    path = ranks.predictions_file(folder)
     predictions = read_predictions(path)
-    todo = [record for record in records if record.index not in predictions]
-    if predictions:
-        logger.info("%s: %d predictions on disk, %d to go", benchmark.name, len(records) - len(todo), len(todo))
+    if ranks.world_size > 1:  # what an earlier run merged counts as done
+        predictions = {**read_predictions(folder / "predictions.jsonl", repair=False), **predictions}
+    shard = ranks.shard(records)
+    todo = [record for record in shard if record.index not in predictions]
+    if len(todo) < len(shard):
+        logger.info("%s: %d predictions on disk, %d to go", benchmark.name, len(shard) - len(todo), len(todo))
     with (
         path.open("a") as handle,
-        tqdm(total=len(records), initial=len(records) - len(todo), desc=benchmark.name) as bar,
+        tqdm(total=len(shard), initial=len(shard) - len(todo), desc=benchmark.name, disable=ranks.rank != 0) as bar,
     ):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -171,15 +252,35 @@ def evaluate(
     policy: str | None = None,
     judge: Judge | None = None,
     predictor=None,
+    hf_configs: dict[str, str] | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Score]:
+    """Predict on every benchmark (this rank's shard), then, on rank 0, merge, score and write the table.
+
+    Returns the scores on rank 0 and an empty dict on the other ranks."""
     selected = [get_benchmark(name) for name in benchmarks]  # unknown names fail before any work
-    predictor = predictor or Predictor(model, policy)
+    ranks = Ranks.from_environment()
+    device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
+    if ranks.world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(ranks.local_rank)  # NCCL's barrier runs on the current device
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    predictor = predictor or Predictor(model, policy, device=device, max_new_tokens=max_new_tokens)
+    loaded = {}
+    for benchmark in selected:
+        records = benchmark.load(data_root, (hf_configs or {}).get(benchmark.name))
+        loaded[benchmark.name] = records[:limit] if limit else records
+        predict(benchmark, loaded[benchmark.name], predictor, output / benchmark.name, batch_size, ranks)
+    ranks.barrier()  # every rank's predictions are on disk
+    if ranks.rank != 0:
+        return {}
+    judge = CachedJudge(judge, output / "judge_replies.jsonl") if judge is not None else None
     scores = {}
     for benchmark in selected:
         started = time.perf_counter()
-        records = benchmark.load(data_root)[:limit] if limit else benchmark.load(data_root)
-        predictions = predict(benchmark, records, predictor, output / benchmark.name / "predictions.jsonl", batch_size)
-        scores[benchmark.name] = benchmark.score(records, predictions, judge)
+        records = loaded[benchmark.name]
+        predictions = merge_predictions(output / benchmark.name)
+        scores[benchmark.name] = benchmark.score(records, benchmark.read_back(predictions), judge)
         logger.info("%s: %s (%.0f s)", benchmark.name, scores[benchmark.name].columns, time.perf_counter() - started)
     results = {
         name: {"columns": s.columns, "metrics": s.metrics, "judge": s.judge, "notes": s.notes}
@@ -190,6 +291,18 @@ def evaluate(
     label = f"ours ({Path(model).name}{', ' + policy if policy else ''})"
     (output / "table.md").write_text(table(scores, label))
     return scores
+
+
+def parse_hf_configs(text: str | None) -> dict[str, str]:
+    """`mmbench=cn,pope=default` -> {"mmbench": "cn", "pope": "default"}."""
+    configs = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            name, separator, config = item.partition("=")
+            if not separator or not config.strip():
+                raise ValueError(f"--hf-config takes BENCHMARK=CONFIG pairs; got {item!r}.")
+            configs[get_benchmark(name.strip()).name] = config.strip()
+    return configs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,7 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("outputs/eval"))
     parser.add_argument("--limit", type=int, help="first N questions of each benchmark")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, help="cap every answer (default: each benchmark's own)")
     parser.add_argument("--policy", choices=ATTENTION_POLICIES, help="override the checkpoint's attention policy")
+    parser.add_argument(
+        "--hf-config", help="config of a multi-config Hugging Face folder, e.g. mmbench=cn (mmbench reads en)"
+    )
     parser.add_argument("--judge-base-url")
     parser.add_argument("--judge-model")
     parser.add_argument("--judge-api-key")
@@ -215,8 +332,17 @@ def main(argv: list[str] | None = None) -> None:
     judge = Judge.from_environment(args.judge_base_url, args.judge_model, args.judge_api_key)
     names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     output = args.output / args.policy if args.policy else args.output
-    evaluate(args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge)
-    print((output / "table.md").read_text())
+    configs = parse_hf_configs(args.hf_config)
+    try:
+        scores = evaluate(
+            args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge,
+            hf_configs=configs, max_new_tokens=args.max_new_tokens,
+        )  # fmt: skip
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if scores:
+        print((output / "table.md").read_text())
 
 
 if __name__ == "__main__":

@@ -281,7 +281,8 @@ def test_hf_layouts_of_the_other_benchmarks(tmp_path):
         records[0].question
         == "Answer with the option's letter from the given choices directly. How many?\nOptions:\nA. 1\nB. 2\n"
     )
-    assert cvbench.score(records, {"0": "B", "1": "B", "2": "A"}).columns == {"CVB-2D": 50.0, "CVB-3D": 100.0}
+    answers = {"2D-0": "B", "2D-1": "B", "3D-2": "A"}
+    assert cvbench.score(records, answers).columns == {"CVB-2D": 50.0, "CVB-3D": 100.0}
 
     save_hf(tmp_path, "SEED-Bench", "test", {
         "question_id": ["q1", "q2", "v1"], "question": ["Which?"] * 3, "choice_a": ["a"] * 3, "choice_b": ["b"] * 3,
@@ -306,7 +307,8 @@ def test_hf_layouts_of_the_other_benchmarks(tmp_path):
     assert (
         records[0].options == {"A": "1", "B": "2", "C": "3"} and records[0].extra["raw_question"] == "How many lanes?"
     )
-    assert rwqa.score(records, {"0": "C", "1": "red."}).columns == {"RWQA": 100.0}
+    # A row without options is always wrong, as in VLMEvalKit, however right the word.
+    assert rwqa.score(records, {"0": "C", "1": "Red"}).columns == {"RWQA": 50.0}
 
     save_hf(tmp_path, "MathVista", "testmini", {
         "pid": ["1", "2"], "query": ["How many?", "Which?"], "decoded_image": pictures(2), "choices": [None, ["3/11", "8/11"]],

@@ -33,28 +33,31 @@ KERNELS = {"cpu-flash": CpuFlashKernel, "reference-varlen": ReferenceKernel}
 def pass_mask(layout, rectangle: bool) -> torch.Tensor:
     """The (b * s, b * t) mask one pass attends with, in position coordinates, for real queries."""
     b, s, t = layout.batch, layout.query_length, layout.key_length
-    seg = layout.rectangle if rectangle else layout.causal
-    query_index = layout.rect_query_index if rectangle else layout.query_index
-    key_index = layout.rect_key_index if rectangle else layout.key_index
-    if layout.kernel.padded:
-        inner = CpuFlashKernel.allowed(seg, not rectangle, None)  # (n, L_q, L_k) -> block diagonal rows x rows
-        n = len(seg.counts_q)
-        inner = torch.block_diag(*inner) if n else inner.new_zeros(0, 0)
-        if query_index is None:  # the first rows of every batch row
-            query_index = (torch.arange(b)[:, None] * s + torch.arange(seg.max_q)).flatten()
-            key_index = (torch.arange(b)[:, None] * t + torch.arange(seg.max_k)).flatten()
-        real = torch.zeros(len(query_index), dtype=torch.bool)
-        if rectangle:
-            real = layout.rect_real
-        else:
-            real[layout.output_rows] = True
+    # Position of every causal row (rows are positions where the layout has no index).
+    query_position = layout.query_index if layout.query_index is not None else torch.arange(b * s)
+    key_position = layout.key_index if layout.key_index is not None else torch.arange(b * t)
+    real = torch.zeros(len(query_position), dtype=torch.bool)
+    if layout.output_rows is not None:
+        real[layout.output_rows] = True
+    elif layout.padding_rows is not None:
+        real[:] = True
+        real[layout.padding_rows] = False
     else:
-        inner = ReferenceKernel.allowed(seg, len(query_index), len(key_index), not rectangle, None, "cpu")
-        real = torch.ones(len(query_index), dtype=torch.bool)
+        real[:] = True
+    seg = layout.causal
+    if rectangle:
+        seg, real = layout.rectangle, real[layout.rect_rows]
+        if layout.rect_padding is not None:
+            real[layout.rect_padding] = False
+        query_position, key_position = query_position[layout.rect_rows], key_position[layout.rect_key_rows]
+    if layout.kernel.padded:
+        inner = torch.block_diag(*CpuFlashKernel.allowed(seg, not rectangle, None))  # (n, L_q, L_k) -> rows x rows
+    else:
+        inner = ReferenceKernel.allowed(seg, len(query_position), len(key_position), not rectangle, None, "cpu")
     rows, columns = (inner & real[:, None]).nonzero(as_tuple=True)
     # A key gathered for several image blocks is one key: the copies count once.
     mask = torch.zeros(b * s, b * t, dtype=torch.long)
-    mask.index_put_((query_index[rows], key_index[columns]), torch.ones_like(rows), accumulate=True)
+    mask.index_put_((query_position[rows], key_position[columns]), torch.ones_like(rows), accumulate=True)
     return mask > 0
 
 
@@ -86,6 +89,7 @@ def test_right_padding_reads_the_rows_in_place_and_left_padding_gathers():
     right = split_layout(valid, b, s, s, torch.device("cpu"), windows)
     left = split_layout(valid.flip(1), b, s, s, torch.device("cpu"), windows.flip(1))
     assert right.kernel is CpuFlashKernel and right.query_index is None and right.key_index is None
+    assert right.output_index is None and len(right.padding_rows) == int((~valid).sum())
     assert left.query_index is not None and torch.equal(left.causal.counts_q, right.causal.counts_q)
 
 

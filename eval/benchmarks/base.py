@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import BenchmarkDataError, Record, read_hf, read_tsv
+from ..data import BenchmarkDataError, Record, as_read_back, read_hf, read_tsv, refuse_duplicate_ids
 
 NEEDS_JUDGE = "needs judge"
 
@@ -27,6 +27,8 @@ class Benchmark:
     tsv_names: tuple[str, ...] = ()  # VLMEvalKit TSV file names under --data-root
     hf_dirs: tuple[str, ...] = ()  # Hugging Face dataset folders under --data-root
     hf_split: str | None = None
+    hf_config: str | None = None  # the config of a multi-config Hugging Face folder
+    reads_back_predictions = True  # scored after VLMEvalKit's .xlsx round trip (see `data.as_read_back`)
     max_new_tokens: int = 512  # VLMEvalKit's AKI wrapper
     image_separator: str = ""  # VLMEvalKit gave AKI `<image>{text}`, with no newline
     prompt_prefix: str = ""  # text before the chat template (after the tokenizer's BOS)
@@ -41,17 +43,21 @@ class Benchmark:
         tried = [str(data_root / name) for name in (*self.tsv_names, *self.hf_dirs)]
         raise BenchmarkDataError(f"No data for {self.name}: looked for {', '.join(tried)}.")
 
-    def load(self, data_root: Path) -> list[Record]:
+    def load(self, data_root: Path, hf_config: str | None = None) -> list[Record]:
+        """The records, each with an id unique in the benchmark (predictions are keyed by it)."""
         kind, path = self.locate(Path(data_root))
         try:
-            if kind == "tsv":
-                return [record for row in read_tsv(path) for record in self.from_tsv(row)]
-            rows = read_hf(path, self.hf_split)
-            return [
-                record for position, row in enumerate(rows) for record in self.from_hf({"_position": position, **row})
-            ]
+            records = self.read(kind, path, hf_config or self.hf_config)
         except KeyError as error:
             raise BenchmarkDataError(f"{path} lacks the column {error} that {self.name} needs.") from error
+        refuse_duplicate_ids(records, path)
+        return records
+
+    def read(self, kind: str, path: Path, hf_config: str | None) -> list[Record]:
+        if kind == "tsv":
+            return [record for row in read_tsv(path) for record in self.from_tsv(row)]
+        rows = read_hf(path, self.hf_split, hf_config)
+        return [record for position, row in enumerate(rows) for record in self.from_hf({"_position": position, **row})]
 
     def from_tsv(self, row: dict) -> list[Record]:
         raise NotImplementedError
@@ -68,6 +74,12 @@ class Benchmark:
 
     def score(self, records: list[Record], predictions: dict[str, str], judge=None) -> Score:
         raise NotImplementedError
+
+    def read_back(self, predictions: dict[str, str]) -> dict[str, str]:
+        """The predictions as the scoring code reads them (VLMEvalKit: from its .xlsx file)."""
+        if not self.reads_back_predictions:
+            return predictions
+        return {index: as_read_back(prediction) for index, prediction in predictions.items()}
 
 
 def judge_label(judge, how: dict[str, int]) -> str | None:

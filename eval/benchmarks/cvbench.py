@@ -22,6 +22,7 @@ class CVBench(Benchmark):
     max_new_tokens = 256
     image_separator = "\n"  # the AKI script's template: `<image>\n{query}`
     prompt_prefix = " "  # the AKI script wrote "<s> <|system|>...": BOS, then a space
+    reads_back_predictions = False  # the authors' script scored the raw outputs
 
     def locate(self, data_root):
         # VLMEvalKit ships the two halves as separate TSVs.
@@ -30,10 +31,9 @@ class CVBench(Benchmark):
             return "tsv-halves", data_root
         return super().locate(data_root)
 
-    def load(self, data_root):
-        kind, path = self.locate(data_root)
+    def read(self, kind, path, hf_config):
         if kind != "tsv-halves":
-            return super().load(data_root)
+            return super().read(kind, path, hf_config)
         from ..data import read_tsv
 
         return [
@@ -62,7 +62,7 @@ class CVBench(Benchmark):
         options = {chr(65 + i): str(choice) for i, choice in enumerate(row["choices"])}
         return [
             Record(
-                index=str(row["idx"]),
+                index=f"{row['type']}-{row['idx']}",  # idx restarts in each half, as in the TSVs
                 question=cvbench_prompt(row["question"], options),
                 answer=str(row["answer"]).strip("()"),
                 images=[row["image"]],

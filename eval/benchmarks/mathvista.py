@@ -44,8 +44,24 @@ def judge_prompt(question: str, prediction: str) -> str:
     )
 
 
+def prefetch(record: Record, prediction: str):
+    """VLMEvalKit's rule answer, final when truthy: for a choice question any letter the rules find (even a
+    wrong one, or 'Z'); for a number, the number when it equals the truth. Zero is falsy there, so a right
+    answer 0 still goes to the judge."""
+    try:
+        if record.extra["question_type"] == "multi_choice":
+            return can_infer(prediction, record.options)
+        if record.extra["answer_type"] == "integer" and int(prediction) == int(record.answer):
+            return int(prediction)
+        if record.extra["answer_type"] == "float" and float(prediction) == float(record.answer):
+            return float(prediction)
+    except ValueError:
+        pass
+    return False
+
+
 def check(record: Record, response: str) -> bool:
-    """VLMEvalKit's post_check for an extracted (or raw) response."""
+    """VLMEvalKit's post_check for the final (prefetched or extracted) response."""
     kind = record.extra["question_type"]
     try:
         if kind == "multi_choice":
@@ -108,16 +124,14 @@ class MathVista(Benchmark):
         ]
 
     def extract(self, record: Record, prediction: str, judge) -> tuple[str, bool]:
-        """(the response to check, whether the rules sufficed)."""
-        if check(record, prediction):
-            return prediction, True
+        """(the response to check, whether the rules sufficed). The judge is asked once: VLMEvalKit retries
+        only a failed API call (which our Judge retries itself) and keeps even an empty reply."""
+        rule = prefetch(record, prediction)
+        if rule:
+            return str(rule), True
         if judge is None:
             return "", False
-        for attempt in range(5):
-            reply = judge.ask(judge_prompt(record.question, prediction), temperature=0.5 * attempt, max_tokens=128)
-            if reply:
-                return reply.strip(), False
-        return "", False
+        return judge.ask(judge_prompt(record.question, prediction), temperature=0.0, max_tokens=128).strip(), False
 
     def score(self, records, predictions, judge=None) -> Score:
         totals, hits, prefetched = defaultdict(int), defaultdict(int), defaultdict(int)

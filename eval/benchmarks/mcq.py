@@ -62,6 +62,30 @@ def choose(record: Record, prediction: str, judge) -> tuple[str, str]:
     return "Z", "unreadable"
 
 
+def group_of(record: Record) -> str:
+    """The circular group of a rotated copy: its index modulo 1e6 (VLMEvalKit's `g_index`)."""
+    return str(int(float(record.index)) % 1_000_000)
+
+
+def circular_hit(rotations: list[Record], predictions: dict[str, str], judge, how: dict) -> float:
+    """1.0 when every rotation is right, judging as VLMEvalKit does: none when the rules already read a
+    wrong letter, and rotation by rotation (in index order) only until the first wrong one."""
+    letters = [can_infer(predictions[rotation.index], rotation.options) for rotation in rotations]
+    how["rule"] += sum(1 for letter in letters if letter)
+    if any(letter and letter != rotation.answer for letter, rotation in zip(letters, rotations, strict=True)):
+        return 0.0
+    for letter, rotation in zip(letters, rotations, strict=True):
+        if letter:
+            continue
+        if judge is None:
+            how["unreadable"] += 1
+            return 0.0
+        how["judge"] += 1
+        if judge_option(judge, rotation, predictions[rotation.index]) != rotation.answer:
+            return 0.0
+    return 1.0
+
+
 class MCQBenchmark(Benchmark):
     """Plain accuracy over questions; subclasses map their columns."""
 
@@ -88,23 +112,25 @@ class MCQBenchmark(Benchmark):
 
     def evaluate(self, records: list[Record], predictions: dict[str, str], judge) -> tuple[dict[str, float], dict]:
         """Hits per question (per circular group when `circular`), with counts of how answers were read."""
-        hits, how = {}, defaultdict(int)
-        for record in records:
-            letter, method = choose(record, predictions[record.index], judge)
-            how[method] += 1
-            hits[record.index] = float(letter == record.answer)
-        if self.circular:  # a question counts only if every rotated copy is right
-            groups = defaultdict(list)
+        how = defaultdict(int)
+        if not self.circular:
+            hits = {}
             for record in records:
-                groups[str(int(float(record.index)) % 1_000_000)].append(hits[record.index])
-            hits = {group: float(all(values)) for group, values in groups.items()}
+                letter, method = choose(record, predictions[record.index], judge)
+                how[method] += 1
+                hits[record.index] = float(letter == record.answer)
+            return hits, dict(how)
+        groups = defaultdict(list)
+        for record in sorted(records, key=lambda r: int(float(r.index))):
+            groups[group_of(record)].append(record)
+        hits = {group: circular_hit(rotations, predictions, judge, how) for group, rotations in groups.items()}
         return hits, dict(how)
 
     def accuracy_by(self, records: list[Record], hits: dict[str, float], key) -> dict[str, float]:
         grouped = defaultdict(list)
         seen = set()
         for record in records:
-            group = str(int(float(record.index)) % 1_000_000) if self.circular else record.index
+            group = group_of(record) if self.circular else record.index
             if group in seen:
                 continue
             seen.add(group)
@@ -113,6 +139,9 @@ class MCQBenchmark(Benchmark):
 
     def score(self, records: list[Record], predictions: dict[str, str], judge=None) -> Score:
         hits, how = self.evaluate(records, predictions, judge)
+        return self.summarise(records, hits, how, judge)
+
+    def summarise(self, records: list[Record], hits: dict[str, float], how: dict, judge) -> Score:
         overall = 100 * mean(hits.values())
         metrics = {
             "Overall": overall,

@@ -11,6 +11,7 @@ class MMBench(MCQBenchmark):
     tsv_names = ("MMBench_DEV_EN.tsv",)
     hf_dirs = ("MMBench", "MMBench_DEV_EN")
     hf_split = "dev"
+    hf_config = "en"  # lmms-lab/MMBench holds cc, cn and en
     circular = True
 
     def from_hf(self, row: dict) -> list[Record]:
@@ -29,8 +30,8 @@ class MMBench(MCQBenchmark):
         ]
 
     def score(self, records, predictions, judge=None) -> Score:
-        score = super().score(records, predictions, judge)
-        hits, _ = self.evaluate(records, predictions, judge)
+        hits, how = self.evaluate(records, predictions, judge)  # once: every judge call is paid for
+        score = self.summarise(records, hits, how, judge)
         score.metrics["by_l2_category"] = self.accuracy_by(records, hits, lambda r: r.extra.get("l2-category", ""))
         score.metrics["questions"] = len(hits)
         return score

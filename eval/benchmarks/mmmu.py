@@ -2,6 +2,7 @@
 
 import ast
 import re
+import string
 from dataclasses import replace
 
 from ..data import Record, is_missing, options_of
@@ -9,6 +10,7 @@ from .base import Score, judge_label, mean
 from .mcq import MCQBenchmark, choose, mcq_prompt
 
 IMAGE_TAG = re.compile(r"<image (\d+)>")
+LETTERS = frozenset(string.ascii_uppercase)
 
 
 def interleave(text: str, images: list) -> list[dict]:
@@ -73,9 +75,9 @@ class MMMU(MCQBenchmark):
         hits, how = {}, {}
         for record in records:
             if not record.options:  # open question (VLMEvalKit's MMMU_preproc)
-                record = replace(record, answer="A", options={"A": record.answer, "B": "Other Answers"})
-            elif record.answer not in record.options:  # VLMEvalKit maps such a truth to 'A', options unchanged
-                record = replace(record, answer="A")
+                record = replace(record, options={"A": record.answer, "B": "Other Answers"})
+            # VLMEvalKit maps a truth that is not a capital letter to 'A'; a letter stays, even one with no option.
+            record = replace(record, answer=record.answer if record.answer in LETTERS else "A")
             letter, method = choose(record, predictions[record.index], judge)
             how[method] = how.get(method, 0) + 1
             hits[record.index] = (record.extra.get("split", "validation"), float(letter == record.answer))

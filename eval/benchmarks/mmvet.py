@@ -1,4 +1,10 @@
-"""MM-Vet: a judge grades each answer against the ground truth from 0.0 to 1.0 with the MM-Vet few-shot prompt."""
+"""MM-Vet: a judge grades each answer against the ground truth from 0.0 to 1.0 with the MM-Vet few-shot prompt.
+
+The overall score is VLMEvalKit's. The per-capability scores are not, on purpose: VLMEvalKit (6c85ef78,
+`MMVet_acc`) adds a question with a single capability, say `rec`, to `rec` twice, once as the capability
+and once as the one-capability combination, so its `rec` leans towards single-capability questions.
+Here each question counts once per capability it has; `by_combination` holds the combinations apart.
+"""
 
 from collections import defaultdict
 

@@ -31,7 +31,8 @@ class POPE(Benchmark):
         return [yes_no_record(row, row["_images"], str(row["index"]))]
 
     def from_hf(self, row: dict) -> list[Record]:
-        return [yes_no_record(row, [row["image"]], str(row.get("question_id", row["_position"])))]
+        # question_id restarts in each split (adversarial, popular, random): the split makes it unique.
+        return [yes_no_record(row, [row["image"]], f"{row['category']}-{row['question_id']}")]
 
     def score(self, records, predictions, judge=None) -> Score:
         by_split, how = defaultdict(list), defaultdict(int)

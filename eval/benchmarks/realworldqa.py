@@ -3,7 +3,7 @@
 import re
 
 from ..data import Record
-from .base import Score
+from .base import Score, judge_label, mean
 from .mcq import MCQBenchmark, mcq_prompt
 
 OPTION_LINE = re.compile(r"^([A-F])\.\s*(.+)$")
@@ -42,13 +42,14 @@ class RealWorldQA(MCQBenchmark):
         ]
 
     def score(self, records, predictions, judge=None) -> Score:
-        lettered = [r for r in records if r.answer in r.options]
-        free_form = [r for r in records if r.answer not in r.options]
-        hits, how = self.evaluate(lettered, predictions, judge)
-        # Free-form answers (a word or a number): normalised exact match.
-        for record in free_form:
-            hits[record.index] = float(predictions[record.index].strip().rstrip(".").lower() == record.answer.lower())
-        overall = 100 * sum(hits.values()) / len(hits)
+        # A row without options is always wrong in VLMEvalKit: no letter can match its free-form truth.
+        # Ours skips the judge there, which VLMEvalKit asks in vain.
+        with_options = [r for r in records if r.options]
+        hits, how = self.evaluate(with_options, predictions, judge)
+        hits.update({r.index: 0.0 for r in records if not r.options})
+        overall = 100 * mean(hits.values())
         return Score(
-            columns={"RWQA": overall}, metrics={"Overall": overall, "answers_read_by": how, "free_form": len(free_form)}
+            columns={"RWQA": overall},
+            metrics={"Overall": overall, "answers_read_by": how, "without_options": len(records) - len(with_options)},
+            judge=judge_label(judge, how),
         )
