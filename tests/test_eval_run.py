@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from eval_fixtures import image_b64, write_tsv
-from test_eval_scoring import circular_rows, mme_rows
+from test_eval_benchmarks import circular_rows, mme_rows
 
 from aki_eval.benchmarks import NEEDS_JUDGE, get_benchmark
 from aki_eval.judge import Judge, JudgeError
