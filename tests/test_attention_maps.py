@@ -42,16 +42,6 @@ def test_attention_maps(tiny_checkpoint, images, tmp_path):
     assert (maps > 0).all()  # under MMA every image token attends to its question
     path = tmp_path / "photo.png"
     images[0].save(path)
-    main(
-        [
-            "attention",
-            "--model",
-            str(tiny_checkpoint),
-            "--image",
-            str(path),
-            "What colour?",
-            "--out",
-            str(tmp_path / "map.png"),
-        ]
-    )
+    source = ["--model", str(tiny_checkpoint), "--image", str(path)]
+    main(["attention", *source, "What colour?", "--out", str(tmp_path / "map.png")])
     assert (tmp_path / "map.png").stat().st_size > 0

@@ -8,18 +8,8 @@ def test_aki_chat_streams_the_answer(tiny_checkpoint, images, tmp_path, capsys):
 
     path = tmp_path / "photo.png"
     images[0].save(path)
-    main(
-        [
-            "chat",
-            "--model",
-            str(tiny_checkpoint),
-            "--image",
-            str(path),
-            "--max-new-tokens",
-            "6",
-            "What is in the image?",
-        ]
-    )
+    source = ["--model", str(tiny_checkpoint), "--image", str(path)]
+    main(["chat", *source, "--max-new-tokens", "6", "What is in the image?"])
     streamed = capsys.readouterr().out
     model, processor = load(str(tiny_checkpoint))
     output = io.StringIO()
