@@ -39,6 +39,8 @@ class AkiConfig(PreTrainedConfig):
         assistant_marker_ids: the token ids of the assistant header that closes a user turn. Its
             first token is the last key an image may see under MMA (docs/mma.md).
         attention_policy: `"mma"` (modality-mutual attention) or `"causal"` (the baseline).
+        lm_head_bias: whether the output layer adds a bias. The official AKI-4B's head has one (its
+            decoupled head kept `nn.Linear`'s default `bias=True`); models built here have none.
 
     Example:
 
@@ -67,6 +69,7 @@ class AkiConfig(PreTrainedConfig):
     image_token_id: int = 32012
     assistant_marker_ids: list[int] | None = None
     attention_policy: AttentionPolicy = "mma"
+    lm_head_bias: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 

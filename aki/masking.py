@@ -61,6 +61,10 @@ ROLE_NAMES = {
 }
 
 
+class PromptSplitError(ValueError):
+    """A forward holds only part of an image's MMA window: the rest is cached or still to come."""
+
+
 def check_policy(policy: str) -> None:
     if policy not in ATTENTION_POLICIES:
         raise ValueError(f"Unknown attention_policy {policy!r}; expected one of {ATTENTION_POLICIES}.")
@@ -200,3 +204,30 @@ def window_split_at(window_ids: torch.Tensor, boundary: int) -> bool:
     cached_images.scatter_(1, cached.clamp(min=0), True)
     new_questions.scatter_(1, (-new).clamp(min=0), True)
     return bool((cached_images[:, 1:] & new_questions[:, 1:]).any())
+
+
+def absolute_window_ids(window_ids: torch.Tensor, past_length: int, query_length: int) -> torch.Tensor:
+    """Window ids indexed by absolute position, (b, past + s), checked for a split prompt.
+
+    `window_ids` hold either the whole sequence from its start (length >= past + s, as `generate`
+    passes them) or this chunk alone (length s). From the start, they reveal an image whose
+    question lies on the other side of the cache boundary or of the chunk's end. For a chunk
+    alone, the cached tokens are unknown and count as text.
+    """
+    end = past_length + query_length
+    if window_ids.shape[-1] < end:
+        if window_ids.shape[-1] != query_length:
+            raise ValueError(
+                f"mma_window_ids has length {window_ids.shape[-1]}; expected the whole sequence "
+                f"(>= {end}) or this chunk ({query_length})."
+            )
+        return F.pad(window_ids, (past_length, 0))
+    for boundary in (past_length, end):
+        if window_split_at(window_ids, boundary):
+            raise PromptSplitError(
+                f"An image and its question are split at position {boundary} (cache holds {past_length} "
+                f"tokens, this forward {query_length}). MMA lets image tokens see their question, so the "
+                "image, its question and the assistant header must be encoded in one forward: prefill them "
+                "together (no prefill chunking, no cache ending between an image and its question)."
+            )
+    return window_ids[:, :end]
