@@ -171,7 +171,7 @@ def draw_masks(model, processor, image, question: str, out: Path) -> dict[str, P
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="aki-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
         "--quick", action="store_true", help="a few steps and one seed: checks the pipeline, not the gap"

@@ -29,3 +29,19 @@ def test_without_matplotlib_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package looks like to import
     with pytest.raises(ImportError, match=r"pip install 'aki\[viz\]'"):
         import_pyplot()
+
+
+def test_attention_maps(tiny_checkpoint, images, tmp_path):
+    from aki.attention_maps import image_to_question_attention
+    from aki.cli import load, main
+
+    model, processor = load(str(tiny_checkpoint))
+    maps, labels = image_to_question_attention(model, processor, images[0], "What colour is it?")
+    assert maps.shape[0] == model.config.text_config.num_hidden_layers
+    assert maps.shape[1] == model.config.num_image_tokens and maps.shape[2] == len(labels)
+    assert (maps > 0).all()  # under MMA every image token attends to its question
+    path = tmp_path / "photo.png"
+    images[0].save(path)
+    source = ["--model", str(tiny_checkpoint), "--image", str(path)]
+    main(["attention", *source, "What colour?", "--out", str(tmp_path / "map.png")])
+    assert (tmp_path / "map.png").stat().st_size > 0

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from eval_fixtures import image_b64, write_tsv
-from test_eval_scoring import mme_rows
+from test_eval_benchmarks import mme_rows
 
 from aki_eval.run import evaluate
 

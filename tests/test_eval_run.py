@@ -12,7 +12,7 @@ import pytest
 import torch
 from eval_fixtures import image_b64, write_tsv
 from lmms_eval_stand_in import Instance, ModelManifest, install
-from test_eval_scoring import circular_rows, mme_rows
+from test_eval_benchmarks import circular_rows, mme_rows
 
 from aki_eval.benchmarks import NEEDS_JUDGE, get_benchmark
 from aki_eval.judge import Judge, JudgeError

@@ -2,7 +2,7 @@
 
     deepspeed training/train.py --config configs/aki4b_sft.yaml
     torchrun --nproc_per_node 2 training/train.py --config configs/tiny_sft.yaml
-    python training/train.py --config configs/tiny_pretrain.yaml
+    aki-train --config configs/tiny_pretrain.yaml          (or python training/train.py)
 
 With `deepspeed:` in the config the DeepSpeed engine runs the optimisation (ZeRO 2/3), under
 any of the three launchers; without it, plain PyTorch (DDP when several processes run).
