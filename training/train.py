@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -104,12 +105,21 @@ def assembly_parts(model: ModelConfig) -> tuple[str | dict, dict]:
     return aki.presets.vision_and_connector(model.preset, **model.overrides)
 
 
+def check_folders(model: ModelConfig) -> None:
+    """Each folder the model config names exists (transformers would read a missing one as a Hub repo id)."""
+    for key in ("pretrained", "language_model", "vision_model"):
+        folder = getattr(model, key)
+        if folder and not Path(folder).is_dir():
+            raise FileNotFoundError(f"model.{key}: no folder {folder!r}; give the path of a saved model folder.")
+
+
 def build_model(cfg: TrainConfig):
     """(model, processor) from a native checkpoint, a pretrained language model (see `ModelConfig`), or a preset."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import aki
 
+    check_folders(cfg.model)
     policy = "causal" if cfg.stage == "pretrain" else (cfg.model.attention_policy or "mma")
     if cfg.model.pretrained:
         model = AutoModelForImageTextToText.from_pretrained(cfg.model.pretrained, dtype=torch.float32)
@@ -213,7 +223,7 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def save(self, folder: Path, state: dict):
+    def save(self, folder: Path):
         if not dist.is_initialized() or dist.get_rank() == 0:
             folder.mkdir(parents=True, exist_ok=True)
             trainable = {k: v for k, v in self.module.state_dict().items() if k in self._trainable_names()}
@@ -222,14 +232,19 @@ class TorchEngine:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
             }
-            torch.save({**payload, "state": state}, folder / "engine.pt")
+            torch.save(payload, folder / "engine.pt")
 
-    def load(self, folder: Path) -> dict:
-        payload = torch.load(folder / "engine.pt", map_location=self.device, weights_only=False)
+    def load(self, folder: Path) -> None:
+        # Tensors and plain containers only: a checkpoint from elsewhere cannot run code on resume.
+        path = folder / "engine.pt"
+        try:
+            payload = torch.load(path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = str(error).strip().splitlines()[0]
+            raise ValueError(f"{path} holds more than tensors; refusing to load it ({reason}).") from None
         self.module.load_state_dict(payload["model"], strict=False)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
-        return payload["state"]
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.module.named_parameters() if p.requires_grad}
@@ -268,12 +283,11 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def save(self, folder: Path, state: dict):
-        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={"state": state})
+    def save(self, folder: Path):
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name)
 
-    def load(self, folder: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
-        return client_state["state"]
+    def load(self, folder: Path) -> None:
+        self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
 
 
 # ----------------------------------------------------------------------------- training
@@ -292,6 +306,23 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return moved
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of `metrics.jsonl`; a last line cut short by a kill is dropped from the file."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:
+                raise ValueError(f"{path} line {number + 1} is not JSON; remove it and run again.") from None
+            logger.warning("%s: dropping its last line, cut short (%r)", path, line)
+            path.write_text("".join(line + "\n" for line in lines[:-1]))
+    return rows
+
+
 def save_loss_curve(metrics_path: Path, out: Path) -> None:
     import matplotlib
 
@@ -299,8 +330,7 @@ def save_loss_curve(metrics_path: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = {}
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(metrics_path):
         rows[record["step"]] = record  # a resumed run rewrites the steps after its checkpoint
     steps = sorted(rows)
     figure, axis = plt.subplots(figsize=(6, 3.5))
@@ -349,11 +379,13 @@ def train(cfg: TrainConfig) -> dict:
     else:
         engine = TorchEngine(model, optimizer, scheduler, cfg, device)
 
-    step, skipped, notes = 0, Counter(), Counter()
+    step, skipped, notes, supervised = 0, Counter(), Counter(), 0
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is not None:
-        state = engine.load(checkpoint)
+        engine.load(checkpoint)
+        state = json.loads((checkpoint / "state.json").read_text())
         step, skipped, notes = state["step"], Counter(state["skipped"]), Counter(state["notes"])
+        supervised = state["supervised_tokens"]
         logger.info("resumed from %s at step %d", checkpoint, step)
 
     sources = [build_source(source, cfg.stage, cfg.seed) for source in cfg.data]
@@ -375,6 +407,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics_path = output_dir / "metrics.jsonl"
     writer = None
     if is_main:
+        read_metrics(metrics_path)  # drops a line cut short by a kill, before this run appends
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(output_dir / "tensorboard"))
@@ -387,6 +420,7 @@ def train(cfg: TrainConfig) -> dict:
             skipped.update(item["skipped"])
             notes.update(item["notes"])
         global_targets = all_sum(sum(supervised_tokens(item["batch"]) for item in micro_batches), device)
+        supervised += int(global_targets)
         scale = world_size * cfg.gradient_accumulation_steps / max(global_targets, 1.0)
         local_sum = 0.0
         for item in micro_batches:
@@ -423,30 +457,51 @@ def train(cfg: TrainConfig) -> dict:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
             progress.update(1)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or step == cfg.stop_after:
-            save_checkpoint(engine, output_dir, step, all_counter(skipped, device), all_counter(notes, device), is_main)
+            state = {
+                "step": step,
+                "skipped": dict(all_counter(skipped, device)),
+                "notes": dict(all_counter(notes, device)),
+                "supervised_tokens": supervised,
+            }
+            save_checkpoint(engine, output_dir, state, is_main)
         if step == cfg.stop_after:
             progress.close()
             return {"step": step, "loss": loss_value, "stopped": True}
     progress.close()
 
     skipped_total, notes_total = all_counter(skipped, device), all_counter(notes, device)
-    export_dir = output_dir / "final"
-    export(engine, processor, export_dir, cfg, is_main)
-    summary = {"step": step, "loss": loss_value, "skipped": dict(skipped_total), "notes": dict(notes_total)}
+    summary = {
+        "step": step,
+        "loss": loss_value,
+        "supervised_tokens": supervised,
+        "skipped": dict(skipped_total),
+        "notes": dict(notes_total),
+    }
+    report = output_dir / "data_report.json"
     if is_main:
         writer.close()
+        report.write_text(json.dumps(summary, indent=2))
+    if supervised == 0:  # an untrained export would look like a result
+        raise RuntimeError(
+            f"The run trained on no sample: every one was skipped (skipped: {dict(skipped_total) or 'none'}); "
+            f"see {report}. Check the data paths, image_root and max_length."
+        )
+    export_dir = output_dir / "final"
+    export(engine, processor, export_dir, cfg, is_main)
+    if is_main:
         save_loss_curve(metrics_path, output_dir / "loss_curve.png")
-        (output_dir / "data_report.json").write_text(json.dumps(summary, indent=2))
         logger.info("skipped samples: %s", dict(skipped_total) or "none")
         logger.info("shortened samples: %s", dict(notes_total) or "none")
         logger.info("exported %s; loss curve %s", export_dir, output_dir / "loss_curve.png")
     return {**summary, "export": str(export_dir)}
 
 
-def save_checkpoint(engine, output_dir: Path, step: int, skipped: Counter, notes: Counter, is_main: bool) -> None:
-    folder = output_dir / "checkpoints" / f"step_{step}"
-    engine.save(folder, {"step": step, "skipped": dict(skipped), "notes": dict(notes)})
+def save_checkpoint(engine, output_dir: Path, state: dict, is_main: bool) -> None:
+    """The engine's tensors, the loop `state` (step, counts) as JSON, then the `latest_step` pointer."""
+    folder = output_dir / "checkpoints" / f"step_{state['step']}"
+    engine.save(folder)
     if is_main:  # the pointer moves only once the checkpoint is complete
+        (folder / "state.json").write_text(json.dumps(state))
         pointer = output_dir / "checkpoints" / "latest_step"
         temporary = pointer.with_suffix(".tmp")
         temporary.write_text(folder.name)
