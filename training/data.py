@@ -20,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+
+from aki.processing_aki import load_image
 
 from .config import DataSource
 from .encode import SampleError, check_text, collate, encode_caption, encode_conversation, pack
@@ -41,21 +43,16 @@ TASKS = ("vqa", "gqa", "ocrvqa", "vsr", "aokvqa", "scienceqa", "refcoco", "refco
 
 
 def open_image(value, image_root: str | None = None) -> Image.Image:
-    """A path (relative to `image_root`), raw bytes, a `datasets` image dict or a PIL image -> RGB PIL."""
+    """A path (relative to `image_root`), raw bytes, a `datasets` image dict or a PIL image -> 8-bit RGB PIL."""
+    if isinstance(value, dict):  # datasets' undecoded Image feature
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (str, Path)):
+        value = Path(image_root or "") / str(value)
+        if not value.exists():
+            raise SampleError("missing_image", str(value))
     try:
-        if isinstance(value, Image.Image):
-            return value.convert("RGB")
-        if isinstance(value, dict):  # datasets' undecoded Image feature
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, bytes):
-            with Image.open(io.BytesIO(value)) as image:
-                return image.convert("RGB")
-        path = Path(image_root or "") / str(value)
-        if not path.exists():
-            raise SampleError("missing_image", str(path))
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+        return load_image(value)
+    except ValueError as error:
         raise SampleError("bad_image", str(error)) from error
 
 
