@@ -11,13 +11,15 @@ from pathlib import Path
 
 from transformers import TextStreamer
 
+from .commands import add_debug_flag, model_folder, run_command
+
 
 def load(model_dir: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import aki  # noqa: F401  (registers the Auto classes)
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_folder(model_dir)).eval()
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
@@ -96,12 +98,17 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("question", nargs="?", help="the question (chat: omit it for an interactive session)")
     chat_parser.add_argument("--max-new-tokens", type=int, default=256)
     attention_parser.add_argument("--out", type=Path, default=Path("attention_map.png"))
+    for sub in (chat_parser, attention_parser):
+        add_debug_flag(sub)
     args = parser.parse_args(argv)
+    if args.command == "attention" and not (args.image and args.question):
+        parser.error("attention needs --image and a question")
+    run_command(lambda: run(args), args.debug)
 
+
+def run(args: argparse.Namespace) -> None:
     model, processor = load(args.model)
     if args.command == "attention":
-        if not args.image or not args.question:
-            parser.error("attention needs --image and a question")
         from .attention_maps import save_attention_maps
         from .processing_aki import load_image
 

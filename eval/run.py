@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .benchmarks import BENCHMARKS, Benchmark, Score, get_benchmark
+from aki.commands import add_debug_flag, model_folder, run_command
+
+from .benchmarks import BENCHMARKS, NEEDS_JUDGE, Benchmark, Score, get_benchmark
 from .data import Record
-from .judge import Judge
+from .judge import Judge, JudgeError
 from .paper import AKI_4B_TABLE_2, COLUMNS
 
 logger = logging.getLogger("aki.eval")
+JUDGE_FAILED = "judge failed"
 
 
 def aki_content(message: list[dict]) -> tuple[list[dict], list]:
@@ -42,18 +45,24 @@ def aki_content(message: list[dict]) -> tuple[list[dict], list]:
 
 
 def read_predictions(path: Path) -> dict[str, str]:
-    """Predictions written so far; a line cut short by a kill is dropped (and its question asked again)."""
+    """Predictions written so far. A line cut short by a kill, or one without an `index` and a
+    text `prediction`, is dropped from the file (and its question asked again)."""
     predictions = {}
     if not path.exists():
         return predictions
     lines = path.read_text().splitlines()
     good = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and "index" in record and isinstance(record.get("prediction"), str)):
+            logger.warning(
+                "%s line %d is not a prediction; its question will be asked again: %.80s", path, number, line
+            )
             continue
-        predictions[record["index"]] = record["prediction"]
+        predictions[str(record["index"])] = record["prediction"]
         good.append(line)
     if len(good) != len(lines):
         path.write_text("".join(line + "\n" for line in good))
@@ -68,6 +77,7 @@ class Predictor:
 
         import aki  # noqa: F401  (registers the Auto classes)
 
+        model_dir = model_folder(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()
@@ -127,6 +137,29 @@ def predict(benchmark: Benchmark, records: list[Record], predictor, path: Path, 
     return predictions
 
 
+def score_without_a_failed_judge(benchmark: Benchmark, records, predictions, judge: Judge | None) -> Score:
+    """The benchmark's score; if the judge fails for good, the score without it: columns that need
+    the judge read JUDGE_FAILED, the rule-scored ones keep their numbers, and a note says so."""
+    try:
+        return benchmark.score(records, predictions, judge)
+    except JudgeError as error:
+        logger.error("%s: %s; scoring without the judge", benchmark.name, error)
+        score = benchmark.score(records, predictions, None)
+        columns = {name: JUDGE_FAILED if value == NEEDS_JUDGE else value for name, value in score.columns.items()}
+        note = f"the judge failed ({error}); the numbers here are the rules' alone"
+        return replace(score, columns=columns, notes=[*score.notes, note])
+
+
+def write_results(scores: dict[str, Score], output: Path, label: str) -> None:
+    results = {
+        name: {"columns": s.columns, "metrics": s.metrics, "judge": s.judge, "notes": s.notes}
+        for name, s in scores.items()
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (output / "table.md").write_text(table(scores, label))
+
+
 def format_number(value) -> str:
     if isinstance(value, str):
         return value
@@ -172,21 +205,21 @@ def evaluate(
 ) -> dict[str, Score]:
     selected = [get_benchmark(name) for name in benchmarks]  # unknown names fail before any work
     predictor = predictor or Predictor(model, policy)
+    label = f"ours ({Path(model).name}{', ' + policy if policy else ''})"
     scores = {}
     for benchmark in selected:
         started = time.perf_counter()
-        records = benchmark.load(data_root)[:limit] if limit else benchmark.load(data_root)
+        skipped = []
+        records = benchmark.load(data_root, skipped)
+        records = records[:limit] if limit else records
         predictions = predict(benchmark, records, predictor, output / benchmark.name / "predictions.jsonl", batch_size)
-        scores[benchmark.name] = benchmark.score(records, predictions, judge)
-        logger.info("%s: %s (%.0f s)", benchmark.name, scores[benchmark.name].columns, time.perf_counter() - started)
-    results = {
-        name: {"columns": s.columns, "metrics": s.metrics, "judge": s.judge, "notes": s.notes}
-        for name, s in scores.items()
-    }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    label = f"ours ({Path(model).name}{', ' + policy if policy else ''})"
-    (output / "table.md").write_text(table(scores, label))
+        score = score_without_a_failed_judge(benchmark, records, predictions, judge)
+        if skipped:
+            score.metrics["skipped_rows"] = skipped
+            score.notes.append(f"{len(skipped)} row(s) skipped: {skipped[0]}{' ...' if len(skipped) > 1 else ''}")
+        scores[benchmark.name] = score
+        logger.info("%s: %s (%.0f s)", benchmark.name, score.columns, time.perf_counter() - started)
+        write_results(scores, output, label)  # after each benchmark: a later failure keeps these
     return scores
 
 
@@ -205,12 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--judge-base-url")
     parser.add_argument("--judge-model")
     parser.add_argument("--judge-api-key")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     judge = Judge.from_environment(args.judge_base_url, args.judge_model, args.judge_api_key)
     names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     output = args.output / args.policy if args.policy else args.output
-    evaluate(args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge)
+    run_command(
+        lambda: evaluate(args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge),
+        args.debug,
+    )
     print((output / "table.md").read_text())
 
 

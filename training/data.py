@@ -11,7 +11,6 @@ positions) and walks that source through a fresh permutation per epoch, so a sou
 are not repeated before all of them have been used.
 """
 
-import io
 import json
 import string
 import tarfile

@@ -33,6 +33,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from aki.commands import add_debug_flag, model_folder, run_command
 from aki_training.config import ModelConfig, TrainConfig, load_config
 from aki_training.data import TrainStream, build_source, sample_encoder, supervised_tokens, tokens_in
 
@@ -108,9 +109,8 @@ def assembly_parts(model: ModelConfig) -> tuple[str | dict, dict]:
 def check_folders(model: ModelConfig) -> None:
     """Each folder the model config names exists (transformers would read a missing one as a Hub repo id)."""
     for key in ("pretrained", "language_model", "vision_model"):
-        folder = getattr(model, key)
-        if folder and not Path(folder).is_dir():
-            raise FileNotFoundError(f"model.{key}: no folder {folder!r}; give the path of a saved model folder.")
+        if getattr(model, key):
+            model_folder(getattr(model, key), f"model.{key}")
 
 
 def build_model(cfg: TrainConfig):
@@ -546,8 +546,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="a YAML file under configs/")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, parse_overrides(args.set))
+    return run_command(lambda: train_and_close(load_config(args.config, parse_overrides(args.set))), args.debug)
+
+
+def train_and_close(cfg: TrainConfig) -> dict:
     try:
         return train(cfg)
     finally:

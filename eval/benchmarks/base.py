@@ -41,11 +41,12 @@ class Benchmark:
         tried = [str(data_root / name) for name in (*self.tsv_names, *self.hf_dirs)]
         raise BenchmarkDataError(f"No data for {self.name}: looked for {', '.join(tried)}.")
 
-    def load(self, data_root: Path) -> list[Record]:
+    def load(self, data_root: Path, skipped: list[str] | None = None) -> list[Record]:
+        """The benchmark's records; rows that cannot be asked are left out and described in `skipped`."""
         kind, path = self.locate(Path(data_root))
         try:
             if kind == "tsv":
-                return [record for row in read_tsv(path) for record in self.from_tsv(row)]
+                return [record for row in read_tsv(path, skipped) for record in self.from_tsv(row)]
             rows = read_hf(path, self.hf_split)
             return [
                 record for position, row in enumerate(rows) for record in self.from_hf({"_position": position, **row})

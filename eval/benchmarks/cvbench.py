@@ -30,16 +30,16 @@ class CVBench(Benchmark):
             return "tsv-halves", data_root
         return super().locate(data_root)
 
-    def load(self, data_root):
+    def load(self, data_root, skipped=None):
         kind, path = self.locate(data_root)
         if kind != "tsv-halves":
-            return super().load(data_root)
+            return super().load(data_root, skipped)
         from ..data import read_tsv
 
         return [
             r
             for name in ("CV-Bench-2D.tsv", "CV-Bench-3D.tsv")
-            for row in read_tsv(path / name)
+            for row in read_tsv(path / name, skipped)
             for r in self.from_tsv(row)
         ]
 
