@@ -1,5 +1,5 @@
 # The two commands of the README. Both create .venv and install on first use.
-# make demo: the paper's Table 1 in miniature (about 6 minutes on 2 CPU cores), see aki/demo.py.
+# make demo: the paper's Table 1 in miniature (about 6 minutes on 2 CPU cores), see demo/run.py.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m aki.demo
+	$(PY) -m aki_demo
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check aki training eval benchmarks tests
-	$(VENV)/bin/ruff format --check aki training eval benchmarks tests
+	$(VENV)/bin/ruff check aki training eval demo benchmarks tests
+	$(VENV)/bin/ruff format --check aki training eval demo benchmarks tests
 
 clean:
 	rm -rf $(VENV) .cache outputs

@@ -3,7 +3,7 @@
     model, processor = aki.assemble.from_parts("siglip-so400m-patch14-384", "Phi-3.5-mini-instruct")
 
 The vision tower may instead be a SigLIP vision config (a dict), built with random weights: a
-small tower trained from scratch in front of a pretrained LM (`python -m aki.demo --language-model`).
+small tower trained from scratch in front of a pretrained LM (`python -m aki_demo --language-model`).
 
 The tokenizer gains `<pad>` (when it has none, or it equals EOS), `<image>` and `<|endofchunk|>`,
 as the official factory does. Embedding and head rows of existing ids are copied; rows of the

@@ -6,9 +6,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .masking import ATTENTION_POLICIES
+from .masking import AttentionPolicy
 
-# SigLIP-so400m-patch14-384, the vision tower of AKI-4B (SPEC section 2).
+# SigLIP-so400m-patch14-384, the vision tower of AKI-4B (docs/checkpoint.md).
 SIGLIP_SO400M_384 = {
     "hidden_size": 1152,
     "intermediate_size": 4304,
@@ -37,8 +37,10 @@ class AkiConfig(PreTrainedConfig):
             the resampler's shape; AKI-4B uses 144 latents, 6 layers, 8 heads x 64, feed-forward x4.
         image_token_id: the id of the image placeholder token.
         assistant_marker_ids: the token ids of the assistant header that closes a user turn. Its
-            first token is the last key an image may see under MMA (SPEC section 1).
+            first token is the last key an image may see under MMA (docs/mma.md).
         attention_policy: `"mma"` (modality-mutual attention) or `"causal"` (the baseline).
+        lm_head_bias: whether the output layer adds a bias. The official AKI-4B's head has one (its
+            decoupled head kept `nn.Linear`'s default `bias=True`); models built here have none.
 
     Example:
 
@@ -66,7 +68,8 @@ class AkiConfig(PreTrainedConfig):
     perceiver_ff_mult: int = 4
     image_token_id: int = 32012
     assistant_marker_ids: list[int] | None = None
-    attention_policy: str = "mma"
+    attention_policy: AttentionPolicy = "mma"
+    lm_head_bias: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 
@@ -77,8 +80,6 @@ class AkiConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict` validation: reject settings the model cannot honour."""
-        if self.attention_policy not in ATTENTION_POLICIES:
-            raise ValueError(f"attention_policy must be one of {ATTENTION_POLICIES}, got {self.attention_policy!r}.")
         if not self.assistant_marker_ids:
             raise ValueError("assistant_marker_ids must hold at least one token id.")
         if self.image_token_id in self.assistant_marker_ids:

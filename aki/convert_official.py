@@ -18,8 +18,15 @@ Key mapping (official -> native):
     lang_model.model.embed_tokens.weight[:n] + .additional_embedding.weight -> model.language_model.embed_tokens.weight
     lang_model.model.X                        -> model.language_model.X
     lang_model.lm_head.weight[:n] + lang_model.lm_head.additional_fc.weight  -> lm_head.weight
+    lang_model.lm_head.bias[:n] + lang_model.lm_head.additional_fc.bias      -> lm_head.bias
 where n = `initial_tokenizer_len` (32012): the official model reads ids < n from Phi's matrices
-and the two added tokens (<image>, <|endofchunk|>) from the extra rows.
+and the two added tokens (<image>, <|endofchunk|>) from the extra rows. The official head has a
+bias although Phi-3.5's has none: its `DecoupledLinear` keeps `nn.Linear`'s default `bias=True`,
+so the published checkpoint carries both biases and its logits include them. The native head gets
+one (`AkiConfig.lm_head_bias`) exactly when the checkpoint holds `lang_model.lm_head.bias`.
+
+`tests/test_convert_official.py` converts a folder written by the official code itself
+(`tests/reference/make_official_golden.py`) and compares the logits and greedy tokens with that code's.
 """
 
 import argparse
@@ -44,9 +51,13 @@ from .processing_aki import PHI3_CHAT_TEMPLATE, AkiImageProcessor, AkiProcessor
 
 logger = logging.getLogger("aki.convert_official")
 
-# The tokens the official factory adds to Phi-3.5's 32011, in this order (SPEC section 2).
+# The tokens the official factory adds to Phi-3.5's 32011, in this order (docs/checkpoint.md).
 OFFICIAL_ADDED_TOKENS = {"<pad>": 32011, "<image>": 32012, "<|endofchunk|>": 32013}
 ASSISTANT_TOKEN = "<|assistant|>"
+# Phi-3.5-mini-instruct's generation config ends a reply at any of these (ids 32007, 32001, 32000);
+# the official `generate` runs with it.
+STOP_TOKENS = ("<|end|>", "<|assistant|>", "<|endoftext|>")
+OFFICIAL_HEAD_BIAS = "lang_model.lm_head.bias"
 # Official tensors the native model does not need: SigLIP's attention-pooling head (AKI reads
 # `last_hidden_state`) and rotary caches.
 UNUSED_OFFICIAL_PREFIXES = ("vision_encoder.head.",)
@@ -83,8 +94,9 @@ def official_sources(native_key: str) -> Source:
         return Source((base + "weight", base + "additional_embedding.weight"), merge_rows=True)
     if native_key.startswith("model.language_model."):
         return Source(("lang_model.model." + native_key.removeprefix("model.language_model."),))
-    if native_key == "lm_head.weight":
-        return Source(("lang_model.lm_head.weight", "lang_model.lm_head.additional_fc.weight"), merge_rows=True)
+    if native_key in ("lm_head.weight", "lm_head.bias"):
+        name = native_key.removeprefix("lm_head.")
+        return Source((f"lang_model.lm_head.{name}", f"lang_model.lm_head.additional_fc.{name}"), merge_rows=True)
     raise ConversionError(f"No official source is known for the native key {native_key!r}.")
 
 
@@ -149,6 +161,7 @@ def build_config(
         image_token_id=OFFICIAL_ADDED_TOKENS["<image>"],
         assistant_marker_ids=assistant_ids,
         attention_policy="mma",
+        lm_head_bias=OFFICIAL_HEAD_BIAS in checkpoint.keys(),
         **shape,
     )
 
@@ -272,13 +285,18 @@ def convert(
     config.save_pretrained(out)
     GenerationConfig(
         bos_token_id=processor_tokenizer.bos_token_id,
-        eos_token_id=processor_tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=processor_tokenizer.convert_tokens_to_ids(list(STOP_TOKENS)),
         pad_token_id=OFFICIAL_ADDED_TOKENS["<pad>"],
         do_sample=False,
     ).save_pretrained(out)
     image_size = config.vision_config.image_size
+    # The official demo reads the image normalisation from config.json (0.5 when absent).
+    mean, std = official.get("norm_mean", 0.5), official.get("norm_std", 0.5)
+    image_processor = AkiImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=[mean] * 3, image_std=[std] * 3
+    )
     AkiProcessor(
-        image_processor=AkiImageProcessor(size={"height": image_size, "width": image_size}),
+        image_processor=image_processor,
         tokenizer=processor_tokenizer,
         num_image_tokens=config.num_image_tokens,
         chat_template=PHI3_CHAT_TEMPLATE,

@@ -1,6 +1,6 @@
 """Modality-mutual attention (MMA) masks, as pure functions.
 
-The rule (SPEC section 1), per sample, with ``True`` meaning "query q may attend key k"::
+The rule (docs/mma.md), per sample, with ``True`` meaning "query q may attend key k"::
 
     allowed[q, k] = key_valid[k] and (k <= q or (is_image[q] and question_of(q)[k]))
 
@@ -8,6 +8,23 @@ The rule (SPEC section 1), per sample, with ``True`` meaning "query q may attend
 first token after the image block up to and including the first token of the assistant header
 that closes the turn. A turn that is never closed by an assistant header (a caption) opens
 nothing, so it stays causal.
+
+A one-image prompt with two image tokens (``1`` allowed, ``.`` blocked; rows are queries,
+columns keys; ``w`` the window ids below). MMA opens the ``#`` cells: the image sees its question,
+``<|assistant|>`` included, but not the answer; images stay causal among themselves::
+
+                       w   0 1 2 3 4 5 6 7 8 9 10
+     0 <s>             0   1 . . . . . . . . . .
+     1 <|user|>        0   1 1 . . . . . . . . .
+     2 <image>        +1   1 1 1 . # # # # # . .
+     3 <image>        +1   1 1 1 1 # # # # # . .
+     4 What           -1   1 1 1 1 1 . . . . . .
+     5 colour         -1   1 1 1 1 1 1 . . . . .
+     6 ?              -1   1 1 1 1 1 1 1 . . . .
+     7 <|end|>        -1   1 1 1 1 1 1 1 1 . . .
+     8 <|assistant|>  -1   1 1 1 1 1 1 1 1 1 . .
+     9 Red             0   1 1 1 1 1 1 1 1 1 1 .
+    10 <|endoftext|>   0   1 1 1 1 1 1 1 1 1 1 1
 
 Everything here is described by one integer tensor, the *window ids* ``w`` of shape (b, s):
 
@@ -25,15 +42,15 @@ Shape legend: ``b`` batch, ``s`` sequence (query) length, ``t`` key length.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-AttentionPolicy = Literal["mma", "causal"]
-ATTENTION_POLICIES: tuple[str, ...] = ("mma", "causal")
+AttentionPolicy = Literal["mma", "causal"]  # the one definition; configs and command lines read it from here
+ATTENTION_POLICIES: tuple[str, ...] = get_args(AttentionPolicy)
 
-# Token roles, as returned by `token_roles`; the colours are those of `render_mask`.
+# Token roles, as returned by `token_roles` (`aki.attention_maps.render_mask` draws them).
 OTHER, IMAGE, QUESTION, IMAGE_CAUSAL, PADDING = 0, 1, 2, 3, 4
 ROLE_NAMES = {
     OTHER: "text",
@@ -42,6 +59,10 @@ ROLE_NAMES = {
     IMAGE_CAUSAL: "image (causal: no assistant header)",
     PADDING: "padding",
 }
+
+
+class PromptSplitError(ValueError):
+    """A forward holds only part of an image's MMA window: the rest is cached or still to come."""
 
 
 def check_policy(policy: str) -> None:
@@ -185,65 +206,28 @@ def window_split_at(window_ids: torch.Tensor, boundary: int) -> bool:
     return bool((cached_images[:, 1:] & new_questions[:, 1:]).any())
 
 
-ROLE_COLOURS = {
-    OTHER: (90, 90, 90),
-    IMAGE: (46, 139, 87),
-    QUESTION: (65, 105, 225),
-    IMAGE_CAUSAL: (143, 188, 143),
-    PADDING: (230, 230, 230),
-}
-OPENED_COLOUR = (255, 140, 0)
+def absolute_window_ids(window_ids: torch.Tensor, past_length: int, query_length: int) -> torch.Tensor:
+    """Window ids indexed by absolute position, (b, past + s), checked for a split prompt.
 
-
-def render_mask(
-    allowed: torch.Tensor,
-    roles: torch.Tensor,
-    path: str,
-    title: str | None = None,
-    cell: int | None = None,
-) -> str:
-    """Save one sample's mask (s, s) as a PNG, rows = queries, columns = keys.
-
-    An allowed cell takes the colour of its key's role, brightened where the MMA rectangle
-    opened it (above the diagonal); a blocked cell is white. A strip above and to the left shows
-    each token's role, and a legend names the colours.
+    `window_ids` hold either the whole sequence from its start (length >= past + s, as `generate`
+    passes them) or this chunk alone (length s). From the start, they reveal an image whose
+    question lies on the other side of the cache boundary or of the chunk's end. For a chunk
+    alone, the cached tokens are unknown and count as text.
     """
-    from PIL import Image, ImageDraw
-
-    s = allowed.shape[-1]
-    cell = cell or max(1, min(8, 640 // max(s, 1)))
-    strip, legend_h = 3 * cell + 4, 18 * (len(ROLE_NAMES) + 2)
-    side = s * cell
-    width, height = strip + side + 8, strip + side + legend_h + 8
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-
-    import numpy as np
-
-    allowed = allowed.bool().cpu()
-    roles = roles.cpu()
-    palette = torch.tensor([ROLE_COLOURS[r] for r in sorted(ROLE_COLOURS)], dtype=torch.uint8)
-    key_colours = palette[roles].unsqueeze(0).expand(s, s, 3).clone()
-    opened = allowed & torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
-    key_colours[opened] = torch.tensor(OPENED_COLOUR, dtype=torch.uint8)
-    key_colours[~allowed] = 255
-    grid = Image.fromarray(np.ascontiguousarray(key_colours.numpy())).resize((side, side), Image.NEAREST)
-    image.paste(grid, (strip, strip))
-    role_strip = Image.fromarray(np.ascontiguousarray(palette[roles][None].numpy())).resize(
-        (side, strip - 4), Image.NEAREST
-    )
-    image.paste(role_strip, (strip, 0))
-    image.paste(role_strip.transpose(Image.Transpose.TRANSPOSE), (0, strip))
-
-    y = strip + side + 6
-    if title:
-        draw.text((4, y), title, fill="black")
-        y += 18
-    entries = [(ROLE_COLOURS[role], name) for role, name in ROLE_NAMES.items()]
-    entries.append((OPENED_COLOUR, "opened by MMA (image query -> later question key)"))
-    for colour, name in entries:
-        draw.rectangle([4, y + 3, 14, y + 13], fill=colour)
-        draw.text((20, y + 2), name, fill="black")
-        y += 18
-    image.save(path)
-    return path
+    end = past_length + query_length
+    if window_ids.shape[-1] < end:
+        if window_ids.shape[-1] != query_length:
+            raise ValueError(
+                f"mma_window_ids has length {window_ids.shape[-1]}; expected the whole sequence "
+                f"(>= {end}) or this chunk ({query_length})."
+            )
+        return F.pad(window_ids, (past_length, 0))
+    for boundary in (past_length, end):
+        if window_split_at(window_ids, boundary):
+            raise PromptSplitError(
+                f"An image and its question are split at position {boundary} (cache holds {past_length} "
+                f"tokens, this forward {query_length}). MMA lets image tokens see their question, so the "
+                "image, its question and the assistant header must be encoded in one forward: prefill them "
+                "together (no prefill chunking, no cache ending between an image and its question)."
+            )
+    return window_ids[:, :end]

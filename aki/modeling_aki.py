@@ -11,31 +11,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.masking_utils import (
-    create_causal_mask,
-    create_sliding_window_causal_mask,
-    find_packed_sequence_indices,
-    packed_sequence_mask_function,
-)
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     MultimodalBaseModelOutputWithPast,
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.utils.generic import can_return_tuple, is_flash_attention_requested
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_aki import AkiConfig
-from .masking import mma_mask_function, mma_window_ids, window_split_at
-from .split_attention import SPLIT_ATTENTION, split_layout
-
-
-class PromptSplitError(ValueError):
-    """A forward holds only part of an image's MMA window: the rest is cached or still to come."""
+from .mask_builder import create_language_model_attention, create_mma_mask, is_prepared_mask
+from .masking import PromptSplitError, absolute_window_ids, mma_window_ids
 
 
 @dataclass
@@ -93,9 +85,13 @@ class AkiPerceiverAttention(nn.Module):
         query = self.to_q(latents)
         key, value = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
         query, key, value = (x.view(n, -1, self.num_heads, self.head_dim).transpose(1, 2) for x in (query, key, value))
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        implementation = self.config._attn_implementation
+        if implementation == "flex_attention":
+            # The resampler has no mask, so flex brings nothing here; and torch 2.13's compiled flex,
+            # called without a block mask, reused the vision tower's kernel for these other shapes
+            # (wrong latents, NaN logits, measured on CPU).
+            implementation = "sdpa"
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, _ = attention_interface(self, query, key, value, attention_mask=None, scaling=self.scaling)
         return self.to_out(output.reshape(n, l, -1))
 
@@ -155,54 +151,6 @@ class AkiMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
-def create_mma_mask(
-    text_config,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    cache: Cache | None,
-    window_ids: torch.Tensor,
-    document_ids: torch.Tensor | None = None,
-) -> torch.Tensor | BlockMask | dict:
-    """The language model's mask with the MMA rectangle opened, in its backend's format.
-
-    `window_ids` (b, past + s) are indexed by absolute position. They are padded with zeros up to
-    the last key index the mask builder asks about (the whole buffer of a static cache).
-    `document_ids` (b, s) keep the packed samples of a row apart.
-    """
-    query_length = inputs_embeds.shape[1]
-    kv_length, kv_offset = cache.get_mask_sizes(query_length, 0) if cache is not None else (query_length, 0)
-    missing = kv_offset + kv_length - window_ids.shape[-1]
-    if missing > 0:
-        window_ids = F.pad(window_ids, (0, missing))
-    # position_ids=None: transformers would otherwise read packed positions and remap the indices
-    # our overlay receives (packing is handled by the caller, per sample).
-    mask_kwargs = {
-        "config": text_config,
-        "inputs_embeds": inputs_embeds,
-        "attention_mask": attention_mask,
-        "cache": cache,
-        "position_ids": None,
-        "or_mask_function": mma_mask_function(window_ids),
-        "and_mask_function": packed_sequence_mask_function(document_ids) if document_ids is not None else None,
-    }
-    layer_types = getattr(text_config, "layer_types", None)
-    if layer_types is not None:
-        builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-        if "sliding_attention" in layer_types:
-            return {layer_type: builders[layer_type](**mask_kwargs) for layer_type in set(layer_types)}
-        return create_causal_mask(**mask_kwargs)
-    if getattr(text_config, "sliding_window", None) is not None:
-        return create_sliding_window_causal_mask(**mask_kwargs)
-    return create_causal_mask(**mask_kwargs)
-
-
-def is_prepared_mask(attention_mask) -> bool:
-    """True for a mask already in a backend's format (built by `generate` for static caches)."""
-    if isinstance(attention_mask, (BlockMask, dict)):
-        return True
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4
-
-
 def refuse_flex_padded_generation_on_cpu(config: AkiConfig, attention_mask: torch.Tensor | None, device) -> None:
     """PyTorch's Inductor CPU kernel for flex_attention fails to compile (CppCompileError) at the
     decode steps of a padded batch; unpadded batches and CUDA work. Say so before any work."""
@@ -236,7 +184,19 @@ class AkiPreTrainedModel(PreTrainedModel):
     # Building the MMA mask looks at the data (does this chunk hold an image with a question?).
     _can_compile_fullgraph = False
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers' guard for out-of-tree models whose `_init_weights` writes tensors in place
+        # skips every module without parameters of its own, and so skips the sub-models' own
+        # initialisers on blocks such as SigLIP's attention and MLP: a vision tower missing from
+        # a checkpoint came out initialised unlike `__init__`'s. AKI (and every transformers model
+        # it holds) initialises through `transformers.initialization`, which leaves loaded tensors
+        # alone, so the guard is not needed and each sub-model's own `_init_weights` runs.
+        return False
+
     def _init_weights(self, module):
+        # Sub-models (vision tower, language model) are dispatched to their own `_init_weights` by
+        # `initialize_weights`; this one sees AKI's own modules only.
         super()._init_weights(module)
         if isinstance(module, AkiPerceiverResampler):
             # As the official code builds Flamingo's resampler: latents ~ N(0, 1) and PyTorch's default
@@ -280,10 +240,15 @@ class AkiModel(AkiPreTrainedModel):
             )
 
     @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """pixel_values (n, 3, H, W) -> `pooler_output` (n, v, d_text), the image tokens."""
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values (n, 3, H, W) -> `pooler_output` (n, v, d_text), the image tokens.
+
+        `kwargs` such as `output_hidden_states` and `output_attentions` reach the vision tower.
+        """
         self.check_pixel_values(pixel_values)
-        vision_outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True)
+        vision_outputs = self.vision_tower(pixel_values=pixel_values, **{**kwargs, "return_dict": True})
         vision_outputs.pooler_output = self.connector(vision_outputs.last_hidden_state)
         return vision_outputs
 
@@ -309,6 +274,19 @@ class AkiModel(AkiPreTrainedModel):
             )
         return is_image.unsqueeze(-1)
 
+    def special_ids_from_embeddings(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """The ids (b, s) of the tokens MMA looks for, read back from `inputs_embeds`; -1 elsewhere.
+
+        Image placeholders and assistant-header tokens are found where the embeddings equal their
+        rows of the embedding table, as llava finds its image slots in `inputs_embeds`.
+        """
+        token_ids = torch.tensor(
+            [self.config.image_token_id, *self.config.assistant_marker_ids], device=inputs_embeds.device
+        )
+        rows = self.get_input_embeddings()(token_ids).to(inputs_embeds.dtype)  # (k, d)
+        matches = (inputs_embeds[:, :, None, :] == rows).all(-1)  # (b, s, k)
+        return torch.where(matches.any(-1), token_ids[matches.int().argmax(-1)], -1)
+
     def window_ids(
         self,
         input_ids: torch.Tensor,
@@ -321,48 +299,8 @@ class AkiModel(AkiPreTrainedModel):
             input_ids, config.image_token_id, config.assistant_marker_ids, attention_mask, document_ids
         )
 
-    def absolute_window_ids(
-        self,
-        input_ids: torch.Tensor | None,
-        mma_window_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        past_length: int,
-        query_length: int,
-        document_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Window ids indexed by absolute position, (b, past + s), checked for a split prompt.
-
-        Given from the start of the sequence (as `generate` passes them), they reveal an image
-        whose question lies on the other side of the cache boundary or of the chunk's end.
-        Computed from this chunk's `input_ids` alone, the cached tokens are unknown and count as text.
-        """
-        end = past_length + query_length
-        if mma_window_ids is None:
-            if input_ids is None:
-                raise ValueError(
-                    "attention_policy='mma' needs input_ids (or mma_window_ids) to find images and questions; "
-                    "pass input_ids, or load the model with attention_policy='causal'."
-                )
-            chunk_mask = attention_mask[:, -query_length:] if attention_mask is not None else None
-            return F.pad(self.window_ids(input_ids, chunk_mask, document_ids), (past_length, 0))
-        if mma_window_ids.shape[-1] < end:
-            if mma_window_ids.shape[-1] != query_length:
-                raise ValueError(
-                    f"mma_window_ids has length {mma_window_ids.shape[-1]}; expected the whole sequence "
-                    f"(>= {end}) or this chunk ({query_length})."
-                )
-            return F.pad(mma_window_ids, (past_length, 0))
-        for boundary in (past_length, end):
-            if window_split_at(mma_window_ids, boundary):
-                raise PromptSplitError(
-                    f"An image and its question are split at position {boundary} (cache holds {past_length} "
-                    f"tokens, this forward {query_length}). MMA lets image tokens see their question, so the "
-                    "image, its question and the assistant header must be encoded in one forward: prefill them "
-                    "together (no prefill chunking, no cache ending between an image and its question)."
-                )
-        return mma_window_ids[:, :end]
-
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -373,7 +311,7 @@ class AkiModel(AkiPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         mma_window_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AkiModelOutputWithPast:
         r"""
         input_ids (b, s): text with every image expanded to `config.num_image_tokens` placeholders.
@@ -387,71 +325,37 @@ class AkiModel(AkiPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+            special_ids = input_ids
+        else:
+            special_ids = self.special_ids_from_embeddings(inputs_embeds)
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         image_outputs = None
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to find the image placeholders.")
+        has_image_tokens = bool((special_ids == self.config.image_token_id).any())
+        if pixel_values is not None and (has_image_tokens or past_length == 0):
             image_outputs = self.get_image_features(pixel_values, return_dict=True)
             image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
-            placeholders = self.get_placeholder_mask(input_ids, image_features)
+            placeholders = self.get_placeholder_mask(special_ids, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(placeholders, image_features)
-        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
-            if (input_ids == self.config.image_token_id).any():
-                raise ValueError(
-                    "The text holds image tokens but no pixel_values were given: pass the images, or remove "
-                    f"the placeholders (token id {self.config.image_token_id})."
-                )
-
-        past_length = cache.get_seq_length() if cache is not None else 0
-        query_length = inputs_embeds.shape[1]
-        mma = self.config.attention_policy == "mma" and not is_prepared_mask(attention_mask)
-        split = self.config.text_config._attn_implementation == SPLIT_ATTENTION
-        # Packed samples (position ids restarting inside a row), as transformers detects them.
-        document_ids = None
-        if (mma or split) and position_ids is not None and attention_mask is None and past_length == 0:
-            document_ids = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
-        window_ids = None
-        if mma:
-            window_ids = self.absolute_window_ids(
-                input_ids, mma_window_ids, attention_mask, past_length, query_length, document_ids
+        elif has_image_tokens and past_length == 0:
+            raise ValueError(
+                "The text holds image tokens but no pixel_values were given: pass the images, or remove "
+                f"the placeholders (token id {self.config.image_token_id})."
             )
-        if split:
-            if (cache is not None and cache.is_compileable) or is_prepared_mask(attention_mask):
-                raise ValueError(
-                    f"The '{SPLIT_ATTENTION}' attention takes a 2D padding mask and a dynamic cache, "
-                    "not a prepared 4D mask or a static cache."
-                )
-            # One layout per forward, read by every layer (the mask interface has none for this name).
-            kwargs["aki_split_layout"] = split_layout(
-                attention_mask,
-                inputs_embeds.shape[0],
-                query_length,
-                past_length + query_length,
-                inputs_embeds.device,
-                window_ids[:, past_length:] if window_ids is not None else None,
-                document_ids,
-            )
-        elif window_ids is not None:
-            # Only a chunk holding an image with an open window needs more than the causal mask:
-            # decode steps keep the backend's fast causal path.
-            if (window_ids[:, past_length:] > 0).any():
-                if is_flash_attention_requested(self.config.text_config):
-                    raise ValueError(
-                        "The language model runs flash attention, whose mask builder ignores MMA's rectangle: "
-                        "use 'sdpa', 'eager' or 'flex_attention' for the text model, or attention_policy='causal'."
-                    )
-                attention_mask = create_mma_mask(
-                    self.config.text_config, inputs_embeds, attention_mask, cache, window_ids, document_ids
-                )
+        # Otherwise the images were encoded by an earlier forward and live in the cache: `generate`
+        # passes pixel_values again when it continues from a cache (assisted and prompt-lookup
+        # decoding do), and a verification chunk may start inside the prompt.
 
+        attention = create_language_model_attention(
+            self.config, special_ids, inputs_embeds, attention_mask, position_ids, cache, mma_window_ids
+        )
         outputs = self.language_model(
-            attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             return_dict=True,
+            **attention,
             **kwargs,
         )
         return AkiModelOutputWithPast(**outputs, image_outputs=image_outputs)
@@ -461,11 +365,15 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
     """AKI with its language-modelling head; `generate()` applies MMA at prefill."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Shard the head as the embedding it may be tied to is sharded (as llava does).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: AkiConfig):
         super().__init__(config)
         self.model = AkiModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(
+            config.text_config.hidden_size, config.text_config.vocab_size, bias=config.lm_head_bias
+        )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -477,7 +385,9 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -485,6 +395,7 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
         return super().generate(*args, **kwargs)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -497,7 +408,7 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AkiCausalLMOutputWithPast:
         r"""
         Arguments as in `AkiModel.forward`, plus `labels` (b, s) with -100 where no loss is taken
@@ -530,6 +441,7 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
             image_outputs=outputs.image_outputs,
         )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -545,7 +457,9 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
         # before `generate` slices `input_ids` down to the new tokens. Decode steps hold only
         # generated text: they need none and keep the causal fast path.
         use_cache = kwargs.get("use_cache", True)
-        prefill = is_first_iteration or not use_cache
+        empty_cache = cache is None or cache.get_seq_length() == 0
+        # An assistant model's prefill (assisted decoding) is not `generate`'s first iteration.
+        prefill = is_first_iteration or not use_cache or empty_cache
         needs_windows = prefill and self.config.attention_policy == "mma" and input_ids.shape[-1] > 0
         if needs_windows and (mma_window_ids is None or not use_cache):
             mma_window_ids = self.model.window_ids(input_ids, attention_mask)
@@ -559,6 +473,11 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         model_inputs["mma_window_ids"] = mma_window_ids if needs_windows else None
+        # `generate` drops pixel_values after its first iteration, so an assistant model would
+        # prefill the image's placeholders without the image. Every forward that starts on an empty
+        # cache gets them: the assistant then reads the image exactly as the main model does.
+        if empty_cache and kwargs.get("pixel_values") is not None:
+            model_inputs["pixel_values"] = kwargs["pixel_values"]
         # With a compileable (static) cache `generate` has already built a causal 4D mask; the
         # prefill of an image with its question needs the MMA one instead.
         if needs_windows and is_prepared_mask(model_inputs.get("attention_mask")) and attention_mask is not None:
@@ -571,7 +490,7 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
         chunk = model_inputs.get("input_ids")
         query_length = chunk.shape[-1] if chunk is not None else model_inputs["inputs_embeds"].shape[1]
         past_length = cache.get_seq_length() if cache is not None else 0
-        window_ids = self.model.absolute_window_ids(chunk, mma_window_ids, None, past_length, query_length)
+        window_ids = absolute_window_ids(mma_window_ids, past_length, query_length)
         if not (window_ids[:, past_length:] > 0).any():
             return model_inputs["attention_mask"]
         metadata = torch.empty((window_ids.shape[0], query_length, 0), dtype=self.dtype, device=window_ids.device)

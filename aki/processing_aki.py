@@ -33,7 +33,7 @@ _CONTENT = (
     "{%- endfor -%}{%- endif -%}"
 )
 
-# SPEC section 2. BOS comes from the tokenizer; the answer is closed by <|endoftext|>.
+# AKI-4B's prompt (docs/checkpoint.md). BOS comes from the tokenizer; the answer is closed by <|endoftext|>.
 PHI3_CHAT_TEMPLATE = (
     _SYSTEM + "{{ '<|system|>\n' + system + '<|end|>\n' }}"
     "{%- for message in messages -%}"
@@ -65,7 +65,8 @@ CHATML_CHAT_TEMPLATE = (
 
 
 class AkiImageProcessor(SiglipImageProcessorPil):
-    """SPEC section 2: bicubic resize to a 384 square (aspect ratio not kept), [0, 1], mean 0.5 std 0.5.
+    """AKI-4B's preprocessing (docs/checkpoint.md): bicubic resize to a 384 square (aspect ratio not
+    kept), [0, 1], mean 0.5 std 0.5.
 
     PIL only: the official transforms resized PIL images, and torchvision's tensor resize
     rounds differently, so this class has no torchvision backend to be swapped in for it.

@@ -7,20 +7,30 @@ the merge of two passes by log-sum-exp::
     l = log(exp(l_c) + exp(l_r)),    o = exp(l_c - l) * o_c + exp(l_r - l) * o_r
 
 (o_c, l_c) from a causal pass over every query, (o_r, l_r) from a pass of image queries over
-their question keys. Both run as variable-length ("varlen") kernels on unpadded tokens, so
-padding and packed samples cost nothing. The backward gives each pass's kernel the *merged*
-output and log-sum-exp, the global softmax statistics, and each returns exactly its share of
-the gradients (ring attention merges blocks the same way).
+their question keys. The backward gives each pass's kernel the *merged* output and log-sum-exp,
+the global softmax statistics, and each returns exactly its share of the gradients (ring
+attention merges blocks the same way). The merge and the backward are written once
+(`SplitAttention`); the kernels differ only in how they lay out sequences:
 
-Kernels: `FlashKernel` runs PyTorch's bundled FlashAttention-2 on CUDA (fp16/bf16); on other
-devices `ReferenceKernel` does the same arithmetic densely, for CPU runs and for tests.
+- `FlashKernel`, CUDA: PyTorch's bundled FlashAttention-2, variable-length ("varlen"): the real
+  tokens packed end to end (`Segments`), so padding and packed samples cost nothing.
+- `CpuFlashKernel`, CPU: PyTorch's CPU flash kernel (the one sdpa runs), on padded sequences
+  (`PaddedSegments`): each sequence's real tokens first, then padding rows that no real query
+  reads. With right padding and no packing the sequences are the rows themselves (no copy).
+- `ReferenceKernel`, other devices and tests: the varlen layout in dense fp32 math.
+
+Every kernel returns its rows as out (N, h, e) and lse (N, h) float32, N its query rows (real
+tokens for varlen, sequences x slots when padded), and checks the log-sum-exp layout its kernel
+hands back ((h, T) varlen, (n, h, L) padded), so a layout change raises instead of mis-merging.
 
 The layout (which tokens go where) is built once per forward by `split_layout` and reaches
 every layer through the attention kwargs. The name has no "flash" in it on purpose:
-transformers would then apply its own flash preprocessing, which knows nothing of MMA.
+transformers would then apply its own flash preprocessing, which knows nothing of MMA. It has
+no mask function either, so transformers builds no (b, s, t) mask for it.
 
 Shape legend: ``b`` batch, ``s`` query length, ``t`` key length, ``h`` heads, ``e`` head dim,
-``T`` unpadded tokens (all queries or all keys of the batch), ``R`` tokens of the rectangle pass.
+``T`` real tokens, ``n`` sequences, ``L`` slots per padded sequence, ``N`` a kernel's query rows,
+``R`` rows of the rectangle pass.
 """
 
 from dataclasses import dataclass
@@ -35,7 +45,7 @@ SPLIT_ATTENTION = "aki_split"
 
 @dataclass(frozen=True)
 class Segments:
-    """Variable-length sequences packed end to end: sequence i owns rows cu[i]:cu[i + 1]."""
+    """Varlen: sequences packed end to end, sequence i owns rows cu[i]:cu[i + 1]."""
 
     cu_q: torch.Tensor  # (n + 1,) int32
     cu_k: torch.Tensor  # (n + 1,) int32
@@ -44,24 +54,19 @@ class Segments:
 
 
 @dataclass(frozen=True)
-class SplitLayout:
-    """Where the two passes read and write, for one forward (every layer shares it).
+class PaddedSegments:
+    """Padded: sequence i owns query rows i * max_q ... and key rows i * max_k ..., its real tokens first.
 
-    query_index (T_q,) and key_index (T_k,) pick the real tokens out of the flattened (b * s)
-    queries and (b * t) keys; `causal` groups them per sample (a packed row holds several).
-    rect_rows (R_q,) are the image queries among the T_q, rect_key_index (R_k,) their question
-    keys in the flattened (b * t) keys, grouped per image block by `rectangle`.
+    Rows past a sequence's counts are padding: they hold some finite token, no real query reads
+    them, and their outputs are dropped.
     """
 
-    batch: int
-    query_length: int
-    key_length: int
-    query_index: torch.Tensor
-    key_index: torch.Tensor
-    causal: Segments
-    rect_rows: torch.Tensor
-    rect_key_index: torch.Tensor
-    rectangle: Segments | None
+    counts_q: torch.Tensor  # (n,) long
+    counts_k: torch.Tensor  # (n,) long
+    max_q: int
+    max_k: int
+    aligned: bool  # counts_q == counts_k everywhere (no cache): top-left causal is the causal rule
+    full_keys: bool  # counts_k == max_k everywhere: no padded keys
 
 
 def segments(counts_q: torch.Tensor, counts_k: torch.Tensor) -> Segments:
@@ -69,6 +74,50 @@ def segments(counts_q: torch.Tensor, counts_k: torch.Tensor) -> Segments:
     cu_q = F.pad(counts_q.cumsum(0), (1, 0)).to(torch.int32)
     cu_k = F.pad(counts_k.cumsum(0), (1, 0)).to(torch.int32)
     return Segments(cu_q, cu_k, int(counts_q.max()), int(counts_k.max()))
+
+
+def padded_segments(counts_q: torch.Tensor, counts_k: torch.Tensor) -> PaddedSegments:
+    max_q, max_k = int(counts_q.max()), int(counts_k.max())
+    return PaddedSegments(
+        counts_q, counts_k, max_q, max_k, bool(torch.equal(counts_q, counts_k)), bool((counts_k == max_k).all())
+    )
+
+
+def pad_rows(positions: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """(n * width,) padded rows of sequences given end to end by positions (T,) and counts (n,), all >= 1:
+    each sequence's positions, then its last one repeated."""
+    starts = F.pad(counts.cumsum(0), (1, 0))[:-1]
+    slots = torch.arange(width, device=positions.device)
+    return positions[(starts[:, None] + torch.minimum(slots, counts[:, None] - 1)).flatten()]
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Where the two passes read and write, for one forward (every layer shares it).
+
+    Positions are flat indices into the (b * s) queries or the (b * t) keys; rows are a kernel's rows.
+    query_index (N_q,) and key_index (N_k,): the position each row of the causal pass reads, or
+    None for the first rows of every batch row (padded layout, right padding: no gather).
+    output_index (T_q,): the real queries; output_rows (T_q,) their causal rows, None when row i
+    is output i (varlen). rect_query_index (R_q,) and rect_key_index (R_k,): the positions the
+    rectangle pass reads; rect_rows (R_q,) the causal rows its rows merge into; rect_real (R_q,)
+    bool marks its real rows, None when all are.
+    """
+
+    batch: int
+    query_length: int
+    key_length: int
+    kernel: type
+    query_index: torch.Tensor | None
+    key_index: torch.Tensor | None
+    causal: Segments | PaddedSegments
+    output_index: torch.Tensor
+    output_rows: torch.Tensor | None
+    rect_query_index: torch.Tensor | None = None
+    rect_key_index: torch.Tensor | None = None
+    rect_rows: torch.Tensor | None = None
+    rect_real: torch.Tensor | None = None
+    rectangle: Segments | PaddedSegments | None = None
 
 
 def split_layout(
@@ -79,14 +128,16 @@ def split_layout(
     device: torch.device,
     window_ids: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
+    kernel: type | None = None,
 ) -> SplitLayout:
-    """The split path's layout; pure tensor work, no loop over tokens.
+    """The split path's layout for `kernel` (by default the device's); pure tensor work, no loop over tokens.
 
     key_padding (b, t): 1 for real keys (the 2D attention mask), or None. The queries are the
     last s of the t keys (a cache holds the t - s before them).
     window_ids (b, s): MMA window ids of the queries (`aki.masking`), or None for causal attention.
     document_ids (b, s): packed samples of a row (only without a cache: s == t).
     """
+    kernel = kernel or kernel_for(device)
     past = key_length - query_length
     if key_padding is None:
         key_padding = torch.ones(batch, key_length, dtype=torch.bool, device=device)
@@ -106,31 +157,78 @@ def split_layout(
         per_row = 1
         query_group = rows[:, None].expand(batch, query_length)
         key_group = rows[:, None].expand(batch, key_length)
-    query_index = query_valid.flatten().nonzero().squeeze(1)
-    key_index = key_padding.flatten().nonzero().squeeze(1)
-    causal = segments(
-        torch.bincount(query_group.flatten()[query_index], minlength=batch * per_row),
-        torch.bincount(key_group.flatten()[key_index], minlength=batch * per_row),
+    query_positions = query_valid.flatten().nonzero().squeeze(1)
+    key_positions = key_padding.flatten().nonzero().squeeze(1)
+    query_groups, key_groups = query_group.flatten()[query_positions], key_group.flatten()[key_positions]
+    counts_q = torch.bincount(query_groups, minlength=batch * per_row)
+    counts_k = torch.bincount(key_groups, minlength=batch * per_row)
+
+    if not kernel.padded:
+        causal = segments(counts_q, counts_k)
+        query_index, key_index, output_rows = query_positions, key_positions, None
+        row_of = torch.arange(len(query_positions), device=device)
+    elif document_ids is None and is_prefix(query_valid, counts_q) and is_prefix(key_padding, counts_k):
+        # Right padding: every batch row is a sequence already, its real tokens first.
+        causal = padded_segments(counts_q, counts_k)
+        query_index = key_index = None
+        row_of = query_positions // query_length * causal.max_q + query_positions % query_length
+        output_rows = row_of
+    else:
+        kept = counts_q > 0  # a sequence without queries costs a padded block and gives nothing
+        causal = padded_segments(counts_q[kept], counts_k[kept])
+        key_positions = key_positions[kept[key_groups]]
+        query_index = pad_rows(query_positions, causal.counts_q, causal.max_q)
+        key_index = pad_rows(key_positions, causal.counts_k, causal.max_k)
+        sequence = kept.cumsum(0)[query_groups] - 1
+        starts = F.pad(causal.counts_q.cumsum(0), (1, 0))[sequence]
+        row_of = sequence * causal.max_q + torch.arange(len(query_positions), device=device) - starts
+        output_rows = row_of
+    layout = SplitLayout(
+        batch, query_length, key_length, kernel, query_index, key_index, causal, query_positions, output_rows
     )
-    rect_rows = rect_key_index = query_index.new_zeros(0)
-    rectangle = None
-    if window_ids is not None and (window_ids > 0).any():
-        rect_rows, rect_key_index, rectangle = rectangle_layout(window_ids, query_valid, past, key_length)
+    if window_ids is None or not (window_ids > 0).any():
+        return layout
+    blocks = rectangle_blocks(window_ids, query_valid, past, key_length)
+    if blocks is None:
+        return layout
+    block_queries, query_counts, block_keys, key_counts = blocks
+    # Causal row of every query position (only real positions are read).
+    causal_row = torch.zeros(batch * query_length, dtype=torch.long, device=device)
+    causal_row[query_positions] = row_of
+    if kernel.padded:
+        rectangle = padded_segments(query_counts, key_counts)
+        rect_query_index = pad_rows(block_queries, query_counts, rectangle.max_q)
+        rect_key_index = pad_rows(block_keys, key_counts, rectangle.max_k)
+        slots = torch.arange(rectangle.max_q, device=device)
+        rect_real = (slots < query_counts[:, None]).flatten()
+    else:
+        rectangle, rect_query_index, rect_key_index, rect_real = (
+            segments(query_counts, key_counts),
+            block_queries,
+            block_keys,
+            None,
+        )
     return SplitLayout(
-        batch, query_length, key_length, query_index, key_index, causal, rect_rows, rect_key_index, rectangle
-    )
+        batch, query_length, key_length, kernel, query_index, key_index, causal, query_positions, output_rows,
+        rect_query_index, rect_key_index, causal_row[rect_query_index], rect_real, rectangle,
+    )  # fmt: skip
 
 
-def rectangle_layout(
+def is_prefix(valid: torch.Tensor, counts: torch.Tensor) -> bool:
+    """valid (b, s): every row's real tokens are its first counts[row] (no padding on the left or inside)."""
+    return bool(torch.equal(valid, torch.arange(valid.shape[1], device=valid.device) < counts[:, None]))
+
+
+def rectangle_blocks(
     window_ids: torch.Tensor, query_valid: torch.Tensor, past: int, key_length: int
-) -> tuple[torch.Tensor, torch.Tensor, Segments | None]:
-    """The rectangle pass: (rect_rows, rect_key_index, segments), empty when no image has question keys.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The rectangle pass's sequences: one per image block (a run of image tokens of one window), whose
+    keys are its window's question tokens after the block; None when no image has question keys.
 
-    One sequence per image block (a run of image tokens of one window), whose keys are its
-    window's question tokens after the block. Several images in one turn share the keys after the
-    last of them, so those keys are gathered once per block. window_ids and query_valid are
-    (b, s); rect_rows index the real queries in packing order, rect_key_index the flattened
-    (b * t) keys.
+    Several images in one turn share the keys after the last of them, so those keys are gathered
+    once per block. window_ids and query_valid are (b, s). Returns the blocks' query positions
+    (R,) in the flat (b * s) queries, their counts per block, the key positions (K,) in the flat
+    (b * t) keys, and their counts per block.
     """
     query_length, device = window_ids.shape[1], window_ids.device
     flat = torch.where(query_valid, window_ids, 0).flatten()
@@ -155,16 +253,15 @@ def rectangle_layout(
     key_counts = (run_end - first_after).clamp(min=0)
     kept = key_counts > 0
     if not kept.any():
-        return query_positions.new_zeros(0), query_positions.new_zeros(0), None
+        return None
     keep_query = kept[blocks]
-    rect_rows = (query_valid.flatten().long().cumsum(0) - 1)[query_positions[keep_query]]
     query_counts = torch.bincount(blocks[keep_query], minlength=num_blocks)[kept]
     key_counts, first_after = key_counts[kept], first_after[kept]
     starts = F.pad(key_counts.cumsum(0), (1, 0))[:-1]
     offsets = torch.arange(int(key_counts.sum()), device=device) - torch.repeat_interleave(starts, key_counts)
     chosen = key_positions[torch.repeat_interleave(first_after, key_counts) + offsets]
-    rect_key_index = (chosen // query_length) * key_length + past + chosen % query_length
-    return rect_rows, rect_key_index, segments(query_counts, key_counts)
+    keys = (chosen // query_length) * key_length + past + chosen % query_length
+    return query_positions[keep_query], query_counts, keys, key_counts
 
 
 class ReferenceKernel:
@@ -173,6 +270,9 @@ class ReferenceKernel:
     Same contract as `FlashKernel`: q (T_q, h, e), k and v (T_k, h, e); out (T_q, h, e) and
     lse (T_q, h) float32. `causal` aligns each sequence's last query with its last key.
     """
+
+    padded = False
+    grouped_heads = False
 
     @staticmethod
     def allowed(seg: Segments, total_q: int, total_k: int, causal: bool, window: int | None, device) -> torch.Tensor:
@@ -220,6 +320,9 @@ class ReferenceKernel:
 class FlashKernel:
     """PyTorch's bundled FlashAttention-2, varlen, on CUDA; same contract as `ReferenceKernel`."""
 
+    padded = False
+    grouped_heads = False
+
     @staticmethod
     def _window(window: int | None) -> int:
         return window - 1 if window is not None else -1
@@ -245,41 +348,138 @@ class FlashKernel:
         )  # fmt: skip
 
 
-def kernel_for(device: torch.device):
-    return FlashKernel if device.type == "cuda" else ReferenceKernel
+class CpuFlashKernel:
+    """PyTorch's CPU flash kernel on padded sequences, with its backward.
+
+    q (n, L_q, h, e), k and v (n, L_k, h_kv, e), any strides with a contiguous last dim; grouped
+    key/value heads are read as they are. out (n * L_q, h, e) and lse (n * L_q, h) float32, views of
+    the kernel's own (n, h, L_q) log-sum-exp. Without a cache or a window the kernel's `is_causal`
+    is the rule (padding rows come after every real token); otherwise a float mask says it.
+    """
+
+    padded = True
+    grouped_heads = True
+
+    @staticmethod
+    def allowed(seg: PaddedSegments, causal: bool, window: int | None) -> torch.Tensor:
+        """(n, L_q, L_k) bool: real keys, causal (bottom-right) and sliding-window where asked.
+        Padding query rows may read every key, so no row is empty."""
+        device = seg.counts_q.device
+        slots_q, slots_k = torch.arange(seg.max_q, device=device), torch.arange(seg.max_k, device=device)
+        allowed = (slots_k < seg.counts_k[:, None, None]).expand(-1, seg.max_q, -1)
+        position_q = slots_q[None, :, None] + (seg.counts_k - seg.counts_q)[:, None, None]
+        if causal:
+            allowed = allowed & (slots_k <= position_q)
+        if window is not None:
+            allowed = allowed & (position_q - slots_k < window)
+        return allowed | (slots_q[None, :, None] >= seg.counts_q[:, None, None])
+
+    @classmethod
+    def _mask(cls, seg: PaddedSegments, causal: bool, window: int | None, dtype) -> torch.Tensor | None:
+        """The additive (n, 1, L_q, L_k) mask, or None where the kernel's own `is_causal` flag is exact."""
+        if window is None and (seg.aligned if causal else seg.full_keys):
+            return None
+        allowed = cls.allowed(seg, causal, window)[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+    @staticmethod
+    def _check(seg, q, k) -> None:
+        if not isinstance(seg, PaddedSegments) or q.shape[:2] != (len(seg.counts_q), seg.max_q):
+            raise RuntimeError(
+                f"CpuFlashKernel takes padded sequences (n, L, h, e) with PaddedSegments; got queries "
+                f"{tuple(q.shape)} with {type(seg).__name__}."
+            )
+        if k.shape[:2] != (len(seg.counts_k), seg.max_k):
+            raise RuntimeError(f"Keys {tuple(k.shape)} do not match {len(seg.counts_k)} sequences of {seg.max_k}.")
+
+    @classmethod
+    def forward(cls, q, k, v, seg: PaddedSegments, causal: bool, scale: float, window: int | None):
+        cls._check(seg, q, k)
+        mask = cls._mask(seg, causal, window, q.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal and mask is None,
+            attn_mask=mask, scale=scale,
+        )  # fmt: skip
+        n, length, heads, dim = q.shape
+        if lse.shape != (n, heads, length) or out.shape != (n, heads, length, dim):
+            raise RuntimeError(
+                f"Unexpected CPU flash attention layout: out {tuple(out.shape)}, log-sum-exp {tuple(lse.shape)}; "
+                f"expected (n, h, L, e) and (n, h, L) = {(n, heads, length)}."
+            )
+        return out.transpose(1, 2).reshape(n * length, heads, dim), lse.transpose(1, 2).reshape(n * length, heads)
+
+    @classmethod
+    def backward(cls, grad_out, q, k, v, out, lse, seg: PaddedSegments, causal: bool, scale: float, window):
+        n, length, heads, dim = q.shape
+        mask = cls._mask(seg, causal, window, q.dtype)
+
+        def padded(rows):  # (n * L, h, ...) -> the kernel's (n, h, L, ...)
+            return rows.reshape(n, length, *rows.shape[1:]).transpose(1, 2)
+
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            padded(grad_out), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), padded(out), padded(lse),
+            0.0, causal and mask is None, attn_mask=mask, scale=scale,
+        )  # fmt: skip
+        return tuple(grad.transpose(1, 2) for grad in grads)
+
+
+def kernel_for(device: torch.device) -> type:
+    return {"cuda": FlashKernel, "cpu": CpuFlashKernel}.get(torch.device(device).type, ReferenceKernel)
+
+
+def merge_rectangle(out, lse, rect_out, rect_lse, rows: torch.Tensor, real: torch.Tensor | None) -> None:
+    """Fold the rectangle pass (rect_out (R, h, e), rect_lse (R, h)) into the causal rows `rows` (R,)
+    of out (N, h, e) and lse (N, h), in place; `real` (R,) bool drops the rectangle's padding rows."""
+    if real is not None:
+        rows, rect_out, rect_lse = rows[real], rect_out[real], rect_lse[real]
+    causal_lse = lse[rows]
+    merged_lse = torch.logaddexp(causal_lse, rect_lse)
+    merged = torch.exp(causal_lse - merged_lse)[..., None] * out[rows].float()
+    merged = merged + torch.exp(rect_lse - merged_lse)[..., None] * rect_out.float()
+    out.index_copy_(0, rows, merged.to(out.dtype))
+    lse.index_copy_(0, rows, merged_lse)
 
 
 class SplitAttention(torch.autograd.Function):
-    """Causal pass + rectangle pass, merged by log-sum-exp; (T_q, h, e) out."""
+    """Causal pass + rectangle pass, merged by log-sum-exp; the causal pass's (N_q, h, e) rows out."""
 
     @staticmethod
     def forward(ctx, q, k, v, rect_q, rect_k, rect_v, layout: SplitLayout, scale: float, window: int | None):
-        kernel = kernel_for(q.device)
+        kernel = layout.kernel
         out, lse = kernel.forward(q, k, v, layout.causal, True, scale, window)
         if layout.rectangle is not None:
-            rows = layout.rect_rows
             rect_out, rect_lse = kernel.forward(rect_q, rect_k, rect_v, layout.rectangle, False, scale, None)
-            causal_lse = lse[rows]
-            merged_lse = torch.logaddexp(causal_lse, rect_lse)
-            merged = torch.exp(causal_lse - merged_lse)[..., None] * out[rows].float()
-            merged = merged + torch.exp(rect_lse - merged_lse)[..., None] * rect_out.float()
-            out, lse = out.index_copy(0, rows, merged.to(out.dtype)), lse.index_copy(0, rows, merged_lse)
+            merge_rectangle(out, lse, rect_out, rect_lse, layout.rect_rows, layout.rect_real)
         ctx.save_for_backward(q, k, v, rect_q, rect_k, rect_v, out, lse)
-        ctx.layout, ctx.scale, ctx.window, ctx.kernel = layout, scale, window, kernel
+        ctx.layout, ctx.scale, ctx.window = layout, scale, window
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, rect_q, rect_k, rect_v, out, lse = ctx.saved_tensors
-        layout, kernel = ctx.layout, ctx.kernel
+        layout, kernel = ctx.layout, ctx.layout.kernel
         grads = kernel.backward(grad_out, q, k, v, out, lse, layout.causal, True, ctx.scale, ctx.window)
         rect_grads = (None, None, None)
         if layout.rectangle is not None:
             rows = layout.rect_rows
+            rect_grad_out = grad_out[rows]
+            if layout.rect_real is not None:  # padding rows repeat a real row's query and statistics, without gradient
+                rect_grad_out = rect_grad_out.masked_fill_(~layout.rect_real[:, None, None], 0.0)
             rect_grads = kernel.backward(
-                grad_out[rows], rect_q, rect_k, rect_v, out[rows], lse[rows], layout.rectangle, False, ctx.scale, None
+                rect_grad_out, rect_q, rect_k, rect_v, out[rows], lse[rows], layout.rectangle, False, ctx.scale, None
             )
         return (*grads, *rect_grads, None, None, None)
+
+
+def gather(tokens: torch.Tensor, index: torch.Tensor | None, seg, queries: bool) -> torch.Tensor:
+    """A kernel's rows from tokens (b, s, h, e): (T, h, e) varlen, (n, L, h, e) padded (a view when index is None)."""
+    if isinstance(seg, PaddedSegments):
+        length = seg.max_q if queries else seg.max_k
+        if index is None:
+            return tokens[:, :length]
+        rows = tokens[index // tokens.shape[1], index % tokens.shape[1]]
+        return rows.view(-1, length, *rows.shape[1:])
+    return tokens[index // tokens.shape[1], index % tokens.shape[1]]
 
 
 def split_attention_forward(
@@ -294,7 +494,10 @@ def split_attention_forward(
     aki_split_layout: SplitLayout | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query (b, h, s, e), key and value (b, h_kv, t, e) -> (b, s, h, e); the AttentionInterface entry."""
+    """query (b, h, s, e), key and value (b, h_kv, t, e) -> (b, s, h, e); the AttentionInterface entry.
+
+    Padded query positions come out as zeros.
+    """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     layout = aki_split_layout
     if layout is None:
@@ -314,18 +517,20 @@ def split_attention_forward(
             f"aki_split_layout was built for batch {layout.batch}, {layout.query_length} queries and "
             f"{layout.key_length} keys, but this layer sees {b}, {s} and {t}."
         )
-    # Grouped key/value heads are repeated, so both kernels see plain multi-head attention.
-    groups = h // key.shape[1]
-    queries = query.transpose(1, 2).reshape(b * s, h, e)
-    keys = key.repeat_interleave(groups, dim=1).transpose(1, 2).reshape(b * t, h, e)
-    values = value.repeat_interleave(groups, dim=1).transpose(1, 2).reshape(b * t, h, e)
-    q = queries[layout.query_index]
-    k, v = keys[layout.key_index], values[layout.key_index]
-    rect_q = q[layout.rect_rows]
-    rect_k, rect_v = keys[layout.rect_key_index], values[layout.rect_key_index]
+    if not layout.kernel.grouped_heads:  # grouped key/value heads are repeated: plain multi-head attention
+        key, value = (x.repeat_interleave(h // key.shape[1], dim=1) for x in (key, value))
+    queries, keys, values = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    q = gather(queries, layout.query_index, layout.causal, queries=True)
+    k, v = (gather(x, layout.key_index, layout.causal, queries=False) for x in (keys, values))
+    rect_q = rect_k = rect_v = None
+    if layout.rectangle is not None:
+        rect_q = gather(queries, layout.rect_query_index, layout.rectangle, queries=True)
+        rect_k, rect_v = (gather(x, layout.rect_key_index, layout.rectangle, queries=False) for x in (keys, values))
     window = sliding_window if sliding_window is not None and sliding_window < t else None
     out = SplitAttention.apply(q, k, v, rect_q, rect_k, rect_v, layout, scale, window)
-    output = out.new_zeros(b * s, h, e).index_copy(0, layout.query_index, out)
+    if layout.output_rows is not None:
+        out = out[layout.output_rows]
+    output = out.new_zeros(b * s, h, e).index_copy(0, layout.output_index, out)
     return output.view(b, s, h, e), None
 
 

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from aki.commands import add_debug_flag, model_folder, run_command
+from aki.masking import ATTENTION_POLICIES
 
 from .benchmarks import BENCHMARKS, NEEDS_JUDGE, Benchmark, Score, get_benchmark
 from .data import Record
@@ -226,15 +227,18 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a native AKI folder")
-    paper = ",".join(name for name in BENCHMARKS if name != "shapes")
-    parser.add_argument("--benchmarks", default=paper, help=f"comma-separated: {', '.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--benchmarks",
+        default=",".join(BENCHMARKS),
+        help=f"comma-separated: {', '.join(BENCHMARKS)}, or module:Class (e.g. aki_demo.benchmark:Shapes)",
+    )
     parser.add_argument(
         "--data-root", type=Path, default=Path("data/benchmarks"), help="folder with the TSVs / dataset folders"
     )
     parser.add_argument("--output", type=Path, default=Path("outputs/eval"))
     parser.add_argument("--limit", type=int, help="first N questions of each benchmark")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--policy", choices=["mma", "causal"], help="override the checkpoint's attention policy")
+    parser.add_argument("--policy", choices=ATTENTION_POLICIES, help="override the checkpoint's attention policy")
     parser.add_argument("--judge-base-url")
     parser.add_argument("--judge-model")
     parser.add_argument("--judge-api-key")

@@ -1,5 +1,7 @@
 """Every benchmark's metric against numbers computed by hand, from files in the real formats."""
 
+import json
+
 import pytest
 from eval_fixtures import image_b64, write_tsv
 from PIL import Image
@@ -245,6 +247,10 @@ def test_missing_data_and_unknown_benchmarks_name_the_problem(tmp_path):
         get_benchmark("pope").load(tmp_path)
     with pytest.raises(ValueError, match="Unknown benchmark 'mmlu'"):
         get_benchmark("mmlu")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        get_benchmark("aki_demo.benchmark:NoSuchBenchmark")
+    with pytest.raises(ValueError, match="not an aki_eval.benchmarks.Benchmark"):
+        get_benchmark("aki_demo.shapes:NUMBERS")
     write_tsv(tmp_path / "POPE.tsv", [{"index": 0, "image": image_b64(0), "question": "Is there a cat?"}])
     with pytest.raises(BenchmarkDataError, match="lacks the column 'answer'"):
         get_benchmark("pope").load(tmp_path)
@@ -336,3 +342,15 @@ def test_mathvista_integer_prefetch_is_exact_like_the_toolkit(prediction, expect
 
     record = Record("0", "How long?", "14", extra={"question_type": "free_form", "answer_type": "integer"})
     assert check(record, prediction) is expected
+
+
+def test_a_benchmark_outside_aki_eval_is_named_by_its_import_path(tmp_path):
+    from aki_demo.benchmark import Shapes
+
+    shapes = get_benchmark("aki_demo.benchmark:Shapes")
+    assert isinstance(shapes, Shapes) and shapes.name == "shapes"
+    (tmp_path / "shapes.json").write_text(json.dumps({"grid": 3, "kinds": ["count_shape"]}))
+    records = shapes.load(tmp_path)[:20]
+    assert len(records) == 20 and all(r.question.endswith("s are there?") for r in records)
+    predictions = {r.index: r.answer if int(r.index) % 2 else "wrong" for r in records}
+    assert shapes.score(records, predictions).columns == {"Shapes": 50.0}

@@ -1,24 +1,21 @@
-"""The MMA mask against a reference written directly from SPEC section 1, token by token."""
+"""The MMA mask against a reference written directly from the rule of docs/mma.md, token by token."""
 
 import random
 
 import pytest
 import torch
-from PIL import Image
 from transformers import Phi3Config
 from transformers.masking_utils import create_causal_mask
 
 from aki.masking import (
     IMAGE,
     IMAGE_CAUSAL,
-    OPENED_COLOUR,
     PADDING,
     QUESTION,
     dense_attention_mask,
     find_marker_starts,
     mma_mask_function,
     mma_window_ids,
-    render_mask,
     token_roles,
     window_split_at,
 )
@@ -184,19 +181,6 @@ def test_transformers_mask_function_equals_dense(padding_side):
     assert torch.equal(mask[:, 0][rows_with_keys], expected[rows_with_keys])
 
 
-def test_render_mask(tmp_path):
-    ids = torch.tensor([1, 6, 3, 3, 20, 21, 8, 7, 22, 2])
-    windows = mma_window_ids(ids[None], IMG, PHI_MARKER)
-    allowed = dense_attention_mask(windows)[0]
-    path = render_mask(allowed, token_roles(ids[None], IMG, windows)[0], str(tmp_path / "mask.png"), "MMA", cell=4)
-    picture = Image.open(path).convert("RGB")
-    strip = 3 * 4 + 4
-    # Query 2 (an image token) sees key 4 (its question) through the opened rectangle.
-    assert picture.getpixel((strip + 4 * 4 + 1, strip + 2 * 4 + 1)) == OPENED_COLOUR
-    # Query 4 (text) never sees key 5.
-    assert picture.getpixel((strip + 5 * 4 + 1, strip + 4 * 4 + 1)) == (255, 255, 255)
-
-
 def test_the_benchmarks_official_baseline_is_the_same_mask():
     """benchmarks/common.py re-states the official per-sample mask; with one image per row it equals ours."""
     import sys
@@ -210,3 +194,20 @@ def test_the_benchmarks_official_baseline_is_the_same_mask():
     ours = our_mask(ids, valid)
     rows = valid.bool()
     assert torch.equal(official[:, 0][rows], ours[rows])
+
+
+def test_the_worked_example_of_the_docstring_is_the_mask():
+    """The matrix written out in aki.masking's docstring (and docs/mma.md) is what the code builds."""
+    import aki.masking
+
+    rows = [line.split() for line in aki.masking.__doc__.splitlines() if line.strip()[:2].strip().isdigit()]
+    tokens = [row[1] for row in rows]
+    vocabulary = {"<image>": IMG, "<|assistant|>": PHI_MARKER[0]}
+    ids = torch.tensor([[vocabulary.get(token, TEXT_IDS[i]) for i, token in enumerate(tokens)]])
+    windows = mma_window_ids(ids, IMG, PHI_MARKER)
+    assert windows[0].tolist() == [int(row[2]) for row in rows]
+    written = torch.tensor([[cell != "." for cell in row[3:]] for row in rows])
+    opened = torch.tensor([[cell == "#" for cell in row[3:]] for row in rows])
+    assert written.shape == (11, 11) and opened.sum() == 10
+    assert torch.equal(dense_attention_mask(windows)[0], written)
+    assert torch.equal(dense_attention_mask(windows, policy="causal")[0], written & ~opened)

@@ -1,9 +1,11 @@
 """The model: backends agree, MMA changes exactly what it should, errors name the problem."""
 
+import copy
+
 import pytest
 import torch
 from helpers import chat, encode, packed_caption_and_chat
-from huggingface_hub.errors import StrictDataclassClassValidationError
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import DynamicCache
 
 from aki import AkiForConditionalGeneration, PromptSplitError
@@ -209,7 +211,7 @@ def test_bad_inputs_name_the_problem(tiny, images):
         model(input_ids=inputs["input_ids"])
     with pytest.raises(ValueError, match="pixel_values must have shape"):
         model(input_ids=inputs["input_ids"], pixel_values=torch.zeros(1, 3, 20, 20))
-    with pytest.raises(StrictDataclassClassValidationError, match="attention_policy must be one of"):
+    with pytest.raises(StrictDataclassFieldValidationError, match="attention_policy.*expected one of"):
         build_tiny("tiny", attention_policy="bidirectional")
 
 
@@ -311,3 +313,139 @@ def test_the_resampler_starts_as_flamingo_builds_it(tiny):
     for linear in (module for module in resampler.modules() if isinstance(module, torch.nn.Linear)):
         bound = 1 / linear.in_features**0.5
         assert linear.weight.abs().max() <= bound and linear.weight.std() > bound / 2, linear
+
+
+# transformers conformance (the peer suite is tests/test_transformers_common.py).
+
+
+def test_the_old_past_key_values_name_still_feeds_the_cache(tiny, images):
+    model, processor = tiny
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    with torch.no_grad():
+        prefix = model(**inputs, use_cache=True)
+        step = {"input_ids": torch.tensor([[30]]), "attention_mask": torch.ones(1, inputs["input_ids"].shape[1] + 1)}
+        by_new_name = model(**step, cache=copy.deepcopy(prefix.cache)).logits
+        old_cache = copy.deepcopy(prefix.cache)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            by_old_name = model(**step, past_key_values=old_cache).logits
+    assert torch.equal(by_old_name, by_new_name)
+    assert old_cache.get_seq_length() == inputs["input_ids"].shape[1] + 1
+
+
+@pytest.mark.parametrize("decoding", [{"assistant_model": "self"}, {"prompt_lookup_num_tokens": 2}])
+def test_assisted_and_prompt_lookup_decoding_match_greedy_with_mma(model_and_processor, images, decoding):
+    model, processor = model_and_processor
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    if "assistant_model" in decoding:
+        decoding = {"assistant_model": model}  # the same weights: every candidate must be accepted
+    greedy = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=8, do_sample=False, **decoding), greedy)
+
+
+def test_an_assistant_model_prefills_with_the_image(tiny, images):
+    """`generate` gives an assistant no pixel_values; AKI hands them to every forward on an empty cache."""
+    model, processor = tiny
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    empty = DynamicCache(config=model.config.text_config)
+    prepared = model.prepare_inputs_for_generation(
+        inputs["input_ids"],
+        cache=empty,
+        is_first_iteration=False,
+        use_cache=True,
+        **{"pixel_values": inputs["pixel_values"], "attention_mask": inputs["attention_mask"]},
+    )
+    assert prepared["pixel_values"] is inputs["pixel_values"]
+    assert (prepared["mma_window_ids"] > 0).any()
+
+
+def test_image_tokens_without_pixels_are_refused_only_at_prefill(tiny, images):
+    model, processor = tiny
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=inputs["input_ids"])
+    with torch.no_grad():
+        prefix = model(**inputs, use_cache=True)
+        # Continuing from the cache with pixel_values again (as `generate` does after a cache) encodes nothing new.
+        step = torch.tensor([[30]])
+        again = model(input_ids=step, pixel_values=inputs["pixel_values"], cache=copy.deepcopy(prefix.cache))
+        plain = model(input_ids=step, cache=copy.deepcopy(prefix.cache))
+    assert again.image_outputs is None
+    assert torch.equal(again.logits, plain.logits)
+
+
+def test_generate_from_inputs_embeds_finds_images_and_questions(model_and_processor, images):
+    model, processor = model_and_processor
+    inputs = encode(processor, chat(QUESTION), images[:1])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    windows = model.model.special_ids_from_embeddings(embeds)
+    assert torch.equal(model.model.window_ids(windows), model.model.window_ids(inputs["input_ids"]))
+    greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    from_embeds = model.generate(
+        inputs_embeds=embeds,
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"],
+        max_new_tokens=6,
+        do_sample=False,
+    )
+    assert torch.equal(from_embeds, greedy)
+    text_only = encode(processor, [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}], None)
+    text_embeds = model.get_input_embeddings()(text_only["input_ids"])
+    assert model.generate(inputs_embeds=text_embeds, max_new_tokens=2, do_sample=False).shape == (1, 2)
+
+
+def test_get_image_features_passes_output_flags_to_the_vision_tower(tiny, images):
+    model, processor = tiny
+    pixel_values = processor(images=images[:1], text="<image>", return_tensors="pt")["pixel_values"]
+    model.set_attn_implementation("eager")  # the backend that returns attention weights
+    try:
+        with torch.no_grad():
+            outputs = model.get_image_features(pixel_values, output_hidden_states=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    layers = model.config.vision_config.num_hidden_layers
+    assert len(outputs.hidden_states) == layers + 1 and len(outputs.attentions) == layers
+    assert outputs.pooler_output.shape == (1, model.config.num_image_tokens, model.config.text_config.hidden_size)
+
+
+def test_tensor_parallel_plan_shards_the_head_with_the_tied_embedding():
+    from aki.presets import config_from_preset
+
+    with torch.device("meta"):
+        model = AkiForConditionalGeneration(config_from_preset("aki-llama3.2-3b"))
+    assert model.config.tie_word_embeddings
+    assert model.tp_plan["model.language_model.embed_tokens"] == "embedding_rowwise"
+    assert model.tp_plan["lm_head"] == "colwise_gather_output"
+
+
+def test_forward_kwargs_are_typed_as_transformers_kwargs():
+    import inspect
+    from typing import get_args
+
+    from transformers.utils import TransformersKwargs
+
+    for function in (AkiForConditionalGeneration.forward, AkiForConditionalGeneration.get_image_features):
+        annotation = inspect.signature(function).parameters["kwargs"].annotation
+        assert get_args(annotation) == (TransformersKwargs,), function.__qualname__
+
+
+def test_a_vision_tower_missing_from_a_checkpoint_gets_siglips_own_init(tiny, tmp_path):
+    """SigLIP's initialiser: xavier-uniform attention and MLP weights, MLP biases ~ N(0, 1e-6)."""
+    import safetensors.torch
+
+    model, _ = tiny
+    model.save_pretrained(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    kept = {key: value for key, value in weights.items() if "vision_tower" not in key}
+    safetensors.torch.save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AkiForConditionalGeneration.from_pretrained(tmp_path)
+    width = model.config.vision_config.hidden_size
+    for layer in loaded.model.vision_tower.encoder.layers:
+        for linear in (layer.self_attn.q_proj, layer.mlp.fc1):
+            fan_in, fan_out = linear.in_features, linear.out_features
+            assert linear.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5  # xavier-uniform's bound
+        assert 0 < layer.mlp.fc1.bias.std() < 1e-5
+    embeddings = loaded.model.vision_tower.embeddings.position_embedding.weight
+    assert abs(embeddings.std() - width**-0.5) < 0.05
+    # Loaded weights are left alone.
+    for key, value in kept.items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -8,18 +8,20 @@ from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from aki import AkiConfig, AkiForConditionalGeneration, AkiImageProcessor, AkiModel, AkiProcessor
-from aki.presets import PRESETS, config_from_preset
+from aki.presets import config_from_preset
 from aki.processing_aki import AKI_SYSTEM_PROMPT
 
-SPEC_PROMPT = "<|system|>\n" + AKI_SYSTEM_PROMPT + "<|end|>\n<|user|>\n<image>\nWhat is this?<|end|>\n<|assistant|>\n"
+OFFICIAL_PROMPT = (
+    "<|system|>\n" + AKI_SYSTEM_PROMPT + "<|end|>\n<|user|>\n<image>\nWhat is this?<|end|>\n<|assistant|>\n"
+)
 
 
 def test_chat_template_is_the_official_prompt(tiny):
     _, processor = tiny
     text = processor.apply_chat_template(chat("What is this?"), add_generation_prompt=True, tokenize=False)
-    assert text == SPEC_PROMPT
+    assert text == OFFICIAL_PROMPT
     with_answer = processor.apply_chat_template(chat("What is this?", "A cat."), tokenize=False)
-    assert with_answer == SPEC_PROMPT + "A cat.<|endoftext|>"
+    assert with_answer == OFFICIAL_PROMPT + "A cat.<|endoftext|>"
 
 
 def test_processor_expands_images_and_prepends_bos(tiny, images):
@@ -29,15 +31,15 @@ def test_processor_expands_images_and_prepends_bos(tiny, images):
     assert ids[0] == processor.tokenizer.bos_token_id
     assert (ids == model.config.image_token_id).sum() == 2 * model.config.num_image_tokens
     assert inputs["pixel_values"].shape == (2, 3, 32, 32)
-    # SPEC section 2: mean 0.5, std 0.5 -> values in [-1, 1].
+    # docs/checkpoint.md: mean 0.5, std 0.5 -> values in [-1, 1].
     assert inputs["pixel_values"].min() >= -1 and inputs["pixel_values"].max() <= 1
 
 
 def test_default_image_processor_is_the_aki_4b_one():
-    processor = AkiImageProcessor()
-    assert (processor.size.height, processor.size.width) == (384, 384)
-    assert processor.resample == Image.Resampling.BICUBIC
-    assert list(processor.image_mean) == [0.5] * 3 and list(processor.image_std) == [0.5] * 3
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    pixel_values = AkiImageProcessor()(image, return_tensors="pt")["pixel_values"][0]
+    resized = np.asarray(image.resize((384, 384), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    assert torch.allclose(pixel_values, torch.from_numpy((resized - 0.5) / 0.5).permute(2, 0, 1), atol=1e-6)
 
 
 def test_image_preprocessing_is_bicubic_resize_and_half_normalisation(tiny):
@@ -102,18 +104,9 @@ def test_save_and_load_with_auto_classes(fixture, images, tmp_path, request):
         assert torch.equal(base(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)
 
 
-def test_real_presets_describe_the_paper_models():
-    config = config_from_preset("aki-4b")
-    assert config.num_image_tokens == 144
-    assert (config.perceiver_depth, config.perceiver_heads, config.perceiver_head_dim) == (6, 8, 64)
-    assert config.vision_config.hidden_size == 1152 and config.vision_config.image_size == 384
-    assert config.text_config.model_type == "phi3" and config.text_config.vocab_size == 32014
-    assert (config.image_token_id, config.assistant_marker_ids) == (32012, [32001])
-    llama = config_from_preset("aki-llama3.2-3b")
-    assert llama.text_config.model_type == "llama" and llama.assistant_marker_ids == [128006, 78191, 128007]
+def test_an_unknown_preset_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="Unknown preset"):
         config_from_preset("aki-70b")
-    assert set(PRESETS) >= {"tiny", "tiny-llama", "aki-4b", "aki-llama3.2-3b"}
 
 
 def test_aki_4b_parameter_count_on_the_meta_device():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import chat, encode, packed_caption_and_chat
-from test_masking import IMG, LLAMA_MARKER, PHI_MARKER, random_batch, reference_mask
+from test_masking import IMG, LLAMA_MARKER, PAD, PHI_MARKER, random_batch, reference_mask
 from transformers import DynamicCache, StaticCache
 
 from aki import AkiForConditionalGeneration
@@ -12,6 +12,7 @@ from aki.masking import dense_attention_mask, mma_mask_function, mma_window_ids
 from aki.presets import TINY_IDS, TINY_TEXT, build_tiny, config_from_preset
 from aki.split_attention import (
     SPLIT_ATTENTION,
+    CpuFlashKernel,
     FlashKernel,
     ReferenceKernel,
     Segments,
@@ -26,30 +27,47 @@ cuda = pytest.mark.skipif(
 )
 
 
-def layout_mask(layout, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The (b * s, b * t) masks the two passes attend with, in padded coordinates."""
+KERNELS = {"cpu-flash": CpuFlashKernel, "reference-varlen": ReferenceKernel}
+
+
+def pass_mask(layout, rectangle: bool) -> torch.Tensor:
+    """The (b * s, b * t) mask one pass attends with, in position coordinates, for real queries."""
     b, s, t = layout.batch, layout.query_length, layout.key_length
-    causal = torch.zeros(b * s, b * t, dtype=torch.bool)
-    inner = ReferenceKernel.allowed(layout.causal, len(layout.query_index), len(layout.key_index), True, None, device)
-    causal[layout.query_index[:, None], layout.key_index[None, :]] = inner
-    rectangle = torch.zeros_like(causal)
-    if layout.rectangle is not None:
-        rows = layout.query_index[layout.rect_rows]
-        inner = ReferenceKernel.allowed(layout.rectangle, len(rows), len(layout.rect_key_index), False, None, device)
-        # A key gathered for several image blocks is one key: OR the copies together.
-        for column, key in enumerate(layout.rect_key_index.tolist()):
-            rectangle[rows, key] |= inner[:, column]
-    return causal, rectangle
+    seg = layout.rectangle if rectangle else layout.causal
+    query_index = layout.rect_query_index if rectangle else layout.query_index
+    key_index = layout.rect_key_index if rectangle else layout.key_index
+    if layout.kernel.padded:
+        inner = CpuFlashKernel.allowed(seg, not rectangle, None)  # (n, L_q, L_k) -> block diagonal rows x rows
+        n = len(seg.counts_q)
+        inner = torch.block_diag(*inner) if n else inner.new_zeros(0, 0)
+        if query_index is None:  # the first rows of every batch row
+            query_index = (torch.arange(b)[:, None] * s + torch.arange(seg.max_q)).flatten()
+            key_index = (torch.arange(b)[:, None] * t + torch.arange(seg.max_k)).flatten()
+        real = torch.zeros(len(query_index), dtype=torch.bool)
+        if rectangle:
+            real = layout.rect_real
+        else:
+            real[layout.output_rows] = True
+    else:
+        inner = ReferenceKernel.allowed(seg, len(query_index), len(key_index), not rectangle, None, "cpu")
+        real = torch.ones(len(query_index), dtype=torch.bool)
+    rows, columns = (inner & real[:, None]).nonzero(as_tuple=True)
+    # A key gathered for several image blocks is one key: the copies count once.
+    mask = torch.zeros(b * s, b * t, dtype=torch.long)
+    mask.index_put_((query_index[rows], key_index[columns]), torch.ones_like(rows), accumulate=True)
+    return mask > 0
 
 
+@pytest.mark.parametrize("kernel", KERNELS.values(), ids=KERNELS.keys())
 @pytest.mark.parametrize("marker", [PHI_MARKER, LLAMA_MARKER], ids=["one-token-marker", "three-token-marker"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("seed", range(12))
-def test_the_two_passes_are_disjoint_and_cover_the_rule(seed, padding_side, marker):
+def test_the_two_passes_are_disjoint_and_cover_the_rule(seed, padding_side, marker, kernel):
     input_ids, valid = random_batch(seed, marker, padding_side)
     b, s = input_ids.shape
-    layout = split_layout(valid, b, s, s, torch.device("cpu"), mma_window_ids(input_ids, IMG, marker, valid.long()))
-    causal, rectangle = layout_mask(layout)
+    windows = mma_window_ids(input_ids, IMG, marker, valid.long())
+    layout = split_layout(valid, b, s, s, torch.device("cpu"), windows, kernel=kernel)
+    causal, rectangle = pass_mask(layout, False), pass_mask(layout, True)
     assert not (causal & rectangle).any()
     union = (causal | rectangle).view(b, s, b, s)
     for row in range(b):
@@ -60,43 +78,103 @@ def test_the_two_passes_are_disjoint_and_cover_the_rule(seed, padding_side, mark
         assert not others.any()
 
 
-def attention_on_a_random_layout(seed: int, padding_side: str, attend, device="cpu", dtype=torch.float32):
-    """Outputs and q/k/v gradients of `attend(q, k, v, input_ids, valid)` on valid rows, and of sdpa
-    with the dense rule as reference; 4 query heads share 2 key/value heads."""
-    input_ids, valid = random_batch(seed, PHI_MARKER, padding_side)
+def test_right_padding_reads_the_rows_in_place_and_left_padding_gathers():
+    """On CPU right-padded rows are the kernel's padded sequences as they are: no copy of q, k, v."""
+    input_ids, valid = random_batch(3, PHI_MARKER, "right")
     b, s = input_ids.shape
+    windows = mma_window_ids(input_ids, IMG, PHI_MARKER, valid.long())
+    right = split_layout(valid, b, s, s, torch.device("cpu"), windows)
+    left = split_layout(valid.flip(1), b, s, s, torch.device("cpu"), windows.flip(1))
+    assert right.kernel is CpuFlashKernel and right.query_index is None and right.key_index is None
+    assert left.query_index is not None and torch.equal(left.causal.counts_q, right.causal.counts_q)
+
+
+def random_layout(seed: int, padding_side: str, packed: bool):
+    """(input_ids, valid, window ids, document ids or None, the dense rule (b, s, s)) of a random batch;
+    packed: two samples end to end per row, the rest of the row a padding sample of its own."""
+    input_ids, valid = random_batch(seed, PHI_MARKER, padding_side)
+    if not packed:
+        windows = mma_window_ids(input_ids, IMG, PHI_MARKER, valid.long())
+        return input_ids, valid, windows, None, dense_attention_mask(windows, valid.long())
+    samples = [ids[keep] for ids, keep in zip(input_ids, valid, strict=True)]
+    length = max(len(samples[0]) + len(samples[1]), len(samples[2]) + len(samples[3])) + 3
+    rows, documents = [], []
+    for first, second in ((0, 1), (2, 3)):
+        row = torch.cat([samples[first], samples[second]])
+        rows.append(F.pad(row, (0, length - len(row)), value=PAD))
+        sizes = [len(samples[first]), len(samples[second]), length - len(row)]
+        documents.append(torch.repeat_interleave(torch.arange(3), torch.tensor(sizes)))
+    input_ids, documents = torch.stack(rows), torch.stack(documents)
+    windows = mma_window_ids(input_ids, IMG, PHI_MARKER, document_ids=documents)
+    allowed = dense_attention_mask(windows) & (documents[:, :, None] == documents[:, None, :])
+    return input_ids, torch.ones_like(input_ids, dtype=torch.bool), windows, documents, allowed
+
+
+def attention_on_a_random_layout(
+    seed: int, padding_side: str, attend, device="cpu", dtype=torch.float32, case: str = "plain"
+):
+    """Outputs and q/k/v gradients of `attend(q, k, v, windows, valid, documents, past, window)` on valid
+    query rows, and of sdpa with the dense rule as reference; 4 query heads share 2 key/value heads.
+
+    case: "plain"; "sliding-window" (keys less than 5 positions back); "cache" (the queries are the
+    last 40% of the keys, the rest is cached); "packed" (two samples per row)."""
+    input_ids, valid, windows, documents, allowed = random_layout(seed, padding_side, case == "packed")
+    b, t = input_ids.shape
+    past = int(0.6 * t) if case == "cache" else 0
+    window = 5 if case == "sliding-window" else None
+    if window is not None:
+        positions = torch.arange(t)
+        allowed = allowed & (positions[:, None] - positions[None, :] < window)
+    allowed = allowed[:, None, past:].to(device)  # (b, 1, s, t)
     generator = torch.Generator().manual_seed(seed)
-    shapes = ((b, 4, s, 16), (b, 2, s, 16), (b, 2, s, 16))
+    shapes = ((b, 4, t - past, 16), (b, 2, t, 16), (b, 2, t, 16))
     tensors = [torch.randn(shape, generator=generator).to(device, dtype).requires_grad_() for shape in shapes]
-    rows = valid.to(device).bool()
-    windows = mma_window_ids(input_ids, IMG, PHI_MARKER, valid.long()).to(device)
-    allowed = dense_attention_mask(windows, valid.to(device).long())[:, None]
+    rows = valid[:, past:].to(device).bool()
+    args = (windows[:, past:].to(device), valid.to(device), documents, past, window)
     results = []
     for method in (attend, None):
         if method is None:
             q, k, v = tensors
+            # Padded query rows see nothing under the rule; give them their own key so sdpa stays finite.
+            safe = allowed | ~allowed.any(-1, keepdim=True)
             output = F.scaled_dot_product_attention(
-                q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed
+                q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=safe
             ).transpose(1, 2)
         else:
-            output = method(*tensors, windows, valid.to(device))
+            output = method(*tensors, *args)
         grads = torch.autograd.grad((output[rows].float() ** 2).sum(), tensors)
         results.append((output[rows].detach(), grads))
     return results
 
 
+@pytest.mark.parametrize("kernel", KERNELS.values(), ids=KERNELS.keys())
+@pytest.mark.parametrize("case", ["plain", "sliding-window", "cache", "packed"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("seed", range(6))
-def test_split_attention_equals_sdpa_on_random_layouts(seed, padding_side):
-    def split(q, k, v, windows, valid):
-        b, _, s, _ = q.shape
-        layout = split_layout(valid, b, s, s, q.device, windows)
-        return split_attention_forward(None, q, k, v, None, scaling=0.25, aki_split_layout=layout)[0]
+def test_split_attention_equals_sdpa_on_random_layouts(seed, padding_side, case, kernel):
+    """Outputs and q/k/v gradients to 1e-5 in float32: several images and turns, padding on either side,
+    grouped key/value heads, a sliding window, a cache, packed rows; on the real CPU kernel and on the varlen
+    (CUDA) layout through the reference kernel."""
 
-    (output, grads), (reference, reference_grads) = attention_on_a_random_layout(seed, padding_side, split)
+    def split(q, k, v, windows, valid, documents, past, window):
+        b, _, s, _ = q.shape
+        layout = split_layout(valid, b, s, k.shape[2], q.device, windows, documents, kernel=kernel)
+        return split_attention_forward(
+            None, q, k, v, None, scaling=0.25, sliding_window=window, aki_split_layout=layout
+        )[0]
+
+    (output, grads), (reference, reference_grads) = attention_on_a_random_layout(seed, padding_side, split, case=case)
     assert torch.allclose(output, reference, atol=1e-5)
     for ours, theirs in zip(grads, reference_grads, strict=True):
         assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_the_cpu_kernel_refuses_another_layout():
+    """A varlen layout handed to the padded CPU kernel raises instead of mis-merging."""
+    seg = Segments(torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 3, 8], dtype=torch.int32), 5, 5)
+    q = torch.randn(8, 2, 4)
+    with pytest.raises(RuntimeError, match="padded sequences"):
+        CpuFlashKernel.forward(q, q, q, seg, True, 0.5, None)
 
 
 @cuda
@@ -105,7 +183,7 @@ def test_cuda_flex_attention_equals_sdpa_on_random_layouts(seed):
     """flex_attention with the block mask from the window ids, forward and gradients, on CUDA."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    def flex(q, k, v, windows, valid):
+    def flex(q, k, v, windows, valid, *_):
         b, _, s, _ = q.shape
         overlay = mma_mask_function(windows)
 
@@ -122,15 +200,16 @@ def test_cuda_flex_attention_equals_sdpa_on_random_layouts(seed):
         assert torch.allclose(ours, theirs, atol=1e-4)
 
 
-def test_packed_samples_are_separate_sequences():
+@pytest.mark.parametrize("kernel", KERNELS.values(), ids=KERNELS.keys())
+def test_packed_samples_are_separate_sequences(kernel):
     input_ids, valid = random_batch(5, PHI_MARKER, "right")
     lengths = valid.sum(1).tolist()
     packed = torch.cat([input_ids[i, : lengths[i]] for i in range(2)])[None]
     documents = torch.cat([torch.full((lengths[i],), i) for i in range(2)])[None]
     windows = mma_window_ids(packed, IMG, PHI_MARKER, document_ids=documents)
-    layout = split_layout(None, 1, packed.shape[1], packed.shape[1], torch.device("cpu"), windows, documents)
-    causal, rectangle = layout_mask(layout)
-    union, start = causal | rectangle, 0
+    length = packed.shape[1]
+    layout = split_layout(None, 1, length, length, torch.device("cpu"), windows, documents, kernel=kernel)
+    union, start = pass_mask(layout, False) | pass_mask(layout, True), 0
     expected = torch.zeros_like(union)
     for i in range(2):
         end = start + lengths[i]

@@ -11,6 +11,7 @@ from helpers import supervised_text
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from aki_demo.shapes import write_llava_json, write_webdataset
 from aki_training.config import DataSource
 from aki_training.data import (
     MixturePlan,
@@ -22,7 +23,6 @@ from aki_training.data import (
     task_sample,
 )
 from aki_training.encode import Encoded, SampleError
-from aki_training.synthetic import write_llava_json, write_webdataset
 
 
 def test_mixture_follows_the_weights():
@@ -198,14 +198,27 @@ def test_every_config_loads_and_unknown_keys_are_refused():
 
     from aki_training.config import load_config
 
-    root = Path(__file__).resolve().parent.parent / "configs"
-    configs = {path.stem: load_config(path) for path in root.glob("*.yaml")}
-    assert {"tiny_pretrain", "tiny_sft", "aki4b_pretrain", "aki4b_sft"} <= configs.keys()
+    repository = Path(__file__).resolve().parent.parent
+    root = repository / "configs"
+    paths = [*root.glob("*.yaml"), *(repository / "demo" / "configs").glob("*.yaml")]
+    configs = {path.stem: load_config(path) for path in paths}
+    assert {"tiny_pretrain", "tiny_sft", "aki4b_pretrain", "aki4b_sft", "demo_sft"} <= configs.keys()
+    for name, config in configs.items():  # every generated source is importable and gives items
+        for source in (s for s in config.data if s.kind == "python"):
+            assert len(build_source(source, config.stage, 0)) == source.size, name
     sft = configs["aki4b_sft"]
     weights = {source.task or source.kind: source.weight for source in sft.data}
-    assert abs(sum(weights.values()) - 1.0) < 1e-6 and weights["vsr"] == 0.026 and weights["vg"] == 0.047
-    assert (sft.micro_batch_size, sft.max_steps, sft.optim.lr, sft.optim.warmup_steps) == (4, 50000, 2e-5, 150)
+    assert abs(sum(weights.values()) - 1.0) < 1e-6  # the paper's mixture, as shares of one
     with pytest.raises(ValueError, match="Unknown key.*lrr"):
         load_config(root / "tiny_sft.yaml", {"optim.lrr": 1.0})
     with pytest.raises(ValueError, match="stage"):
         load_config(root / "tiny_sft.yaml", {"stage": "rlhf"})
+
+
+def test_a_python_source_is_named_by_its_import_path():
+    from aki_demo.shapes import ShapesSource
+
+    source = build_source(DataSource(kind="python", path="aki_demo.shapes:ShapesSource", size=5), "sft", 3)
+    assert isinstance(source, ShapesSource) and len(source) == 5 and source.seed == 3 and source.stage == "sft"
+    with pytest.raises(ValueError, match="module:callable"):
+        build_source(DataSource(kind="python", path="aki_demo.shapes:NoSuchSource"), "sft", 0)

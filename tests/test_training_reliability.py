@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from aki_training.config import DataSource, load_config
 from aki_training.data import TrainStream, build_source, sample_encoder
 from aki_training.encode import Encoded, SampleError
-from aki_training.synthetic import write_llava_json
+from aki_demo.shapes import write_llava_json
 from aki_training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_a_run_on_bad_records_reports_each_skip_once(tmp_path):
     path, expected = write_bad_llava(tmp_path / "llava")
     data = [{"kind": "llava_json", "path": str(path), "image_root": str(tmp_path / "llava")}]
     summary, folder = sft_run(tmp_path, "run", data, max_steps=4, num_workers=1)  # 16 positions
-    assert summary["skipped"] == expected
+    assert summary.skipped == expected
     assert json.loads((folder / "data_report.json").read_text())["skipped"] == expected
 
 
@@ -135,7 +135,7 @@ def test_a_cut_metrics_line_does_not_break_later_runs(tmp_path):
         handle.write('{"step": 3, "lo')  # killed mid-write
     summary, _ = pretrain_run(tmp_path, "run", max_steps=4)
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert summary["step"] == 4 and steps == [1, 2, 3, 4]
+    assert summary.step == 4 and steps == [1, 2, 3, 4]
     assert (folder / "loss_curve.png").exists()
 
 
@@ -172,3 +172,33 @@ def test_a_missing_pretrained_folder_is_named(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="model.pretrained.*nope"):
         build_model(cfg)
+
+
+def test_resuming_a_deepspeed_run_runs_no_pickled_code(tmp_path):
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+    import sys
+
+    def launch(*sets):
+        command = [
+            sys.executable,
+            str(ROOT / "training" / "train.py"),
+            "--config",
+            str(ROOT / "configs" / "tiny_pretrain.yaml"),
+        ]
+        for item in (f"output_dir={tmp_path / 'ds'}", "max_steps=2", "save_every=1", "micro_batch_size=2",
+                     f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}", *sets):  # fmt: skip
+            command += ["--set", item]
+        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900)
+
+    assert launch("stop_after=1").returncode == 0
+    marker = tmp_path / "marker"
+    optimiser_state = next((tmp_path / "ds" / "checkpoints" / "step_1").glob("*optim_states.pt"))
+    optimiser_state.write_bytes(pickle.dumps({"state": Payload(marker)}))
+    resumed = launch()
+    assert resumed.returncode == 2 and "optim_states.pt holds more than tensors" in resumed.stderr, resumed.stderr[
+        -2000:
+    ]
+    assert not marker.exists()

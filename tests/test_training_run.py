@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from aki_demo.shapes import write_llava_json
 from aki_training.config import load_config
-from aki_training.synthetic import write_llava_json
 from aki_training.train import free_port, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,12 +72,12 @@ def test_sft_on_a_mixture_from_the_pretraining_export(tmp_path):
     _, pretrained = run("tiny_pretrain.yaml", tmp_path, "pretrain", max_steps=5, save_every=0)
     llava = write_llava_json(tmp_path / "llava", size=16)
     data = [
-        {"kind": "synthetic", "size": 64, "weight": 0.7},
+        {"kind": "python", "path": "aki_demo.shapes:ShapesSource", "size": 64, "weight": 0.7},
         {"kind": "llava_json", "path": str(llava), "image_root": str(tmp_path / "llava"), "weight": 0.3},
     ]
     overrides = {"model.pretrained": str(pretrained / "final"), "data": data, "max_steps": 8, "save_every": 0}
     summary, folder = run("tiny_sft.yaml", tmp_path, "sft", **overrides)
-    assert summary["skipped"] == {} and len(losses(folder)) == 8
+    assert summary.skipped == {} and len(losses(folder)) == 8
     model = AutoModelForImageTextToText.from_pretrained(folder / "final")
     assert model.config.attention_policy == "mma"
     vision = AutoModelForImageTextToText.from_pretrained(pretrained / "final").model.vision_tower
@@ -132,7 +132,7 @@ def test_a_killed_run_resumes_on_the_same_loss_curve(tmp_path):
     summary, resumed = run(
         "tiny_pretrain.yaml", tmp_path, "killed", max_steps=400, save_every=5, stop_after=checkpoint_step + 10
     )
-    assert summary["stopped"]
+    assert summary.export is None  # stopped at stop_after, before the export
     expected, actual = losses(baseline), losses(resumed)
     assert actual.keys() == expected.keys()
     for step in expected:
@@ -196,7 +196,7 @@ def test_a_pretrained_language_model_gets_the_presets_vision_tower_and_connector
 
     save_tiny_qwen2(tmp_path / "qwen2")
     language = {"output_dir": str(tmp_path / "out"), "model.language_model": str(tmp_path / "qwen2")}
-    model, processor = build_model(load_config(ROOT / "configs" / "demo_lm_pretrain.yaml", language))
+    model, processor = build_model(load_config(ROOT / "demo" / "configs" / "demo_lm_pretrain.yaml", language))
     config = model.config
     assert config.text_config.model_type == "qwen2" and config.attention_policy == "causal"
     assert config.vision_config.image_size == 48 and config.connector_type == "mlp" and config.num_image_tokens == 9

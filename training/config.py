@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import yaml
 
+from aki.masking import ATTENTION_POLICIES, AttentionPolicy
+
 Stage = Literal["pretrain", "sft"]
 TRAINABLE_PARTS = ("connector", "connector+llm", "all", "lora")
 
@@ -27,7 +29,7 @@ class ModelConfig:
     pretrained: str | None = None  # a native AKI folder (e.g. the pre-training export)
     vision_model: str | None = None  # a SigLIP folder
     language_model: str | None = None  # a causal LM folder (Phi-3, Llama, Qwen2, ...)
-    attention_policy: str | None = None  # overrides the checkpoint's; pretrain forces "causal"
+    attention_policy: AttentionPolicy | None = None  # overrides the checkpoint's; pretrain forces "causal"
     attn_implementation: str = "sdpa"  # eager | sdpa | flex_attention | aki_split (FlashAttention-2 on CUDA)
     trainable: str = "connector+llm"  # connector | connector+llm | all | lora
     lora_rank: int = 16
@@ -39,11 +41,11 @@ class ModelConfig:
 class DataSource:
     """One dataset of the run. `kind` picks the reader; `weight` its share of an SFT mixture."""
 
-    kind: str  # webdataset | hf_dataset | llava_json | task | synthetic
-    path: str = ""
+    kind: str  # webdataset | hf_dataset | llava_json | task | python
+    path: str = ""  # python: the source's `module:callable`, e.g. aki_demo.shapes:ShapesSource
     weight: float = 1.0
-    size: int = 256  # synthetic only: how many items
-    options: dict = field(default_factory=dict)  # synthetic only: ShapesSource settings (grid, most, kinds, ...)
+    size: int = 256  # python only: how many items
+    options: dict = field(default_factory=dict)  # python only: the callable's keywords (ShapesSource: grid, most, ...)
     task: str | None = None  # for kind == "task": vqa, gqa, vsr, ocrvqa, aokvqa, scienceqa, refcoco, vg, llava
     image_root: str | None = None
     image_column: str = "image"
@@ -78,12 +80,14 @@ class TrainConfig:
     bf16: bool = False
     deepspeed: str | None = None  # a DeepSpeed JSON; its batch and clipping fields are filled from here
     save_every: int = 0  # steps; 0 = only at the end
-    log_every: int = 1
     stop_after: int | None = None  # exit (without export) after this step, for resume tests
 
     def __post_init__(self):
         if self.stage not in ("pretrain", "sft"):
             raise ValueError(f"stage must be 'pretrain' or 'sft', got {self.stage!r}.")
+        policy = self.model.attention_policy
+        if policy not in (None, *ATTENTION_POLICIES):
+            raise ValueError(f"model.attention_policy must be one of {ATTENTION_POLICIES} or unset, got {policy!r}.")
         if self.model.trainable not in TRAINABLE_PARTS:
             raise ValueError(f"model.trainable must be one of {TRAINABLE_PARTS}, got {self.model.trainable!r}.")
         if not self.data:

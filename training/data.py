@@ -12,6 +12,7 @@ are not repeated before all of them have been used.
 """
 
 import json
+import pkgutil
 import string
 import tarfile
 from collections import Counter
@@ -259,11 +260,23 @@ class RecordSource:
         return {"task": self.task, "record": record, "image_root": self.image_root}
 
 
-def build_source(source: DataSource, stage: str, seed: int):
-    if source.kind == "synthetic":
-        from .synthetic import ShapesSource
+def python_source(source: DataSource, stage: str, seed: int):
+    """A source made by Python code named `module:callable` in `path` (the extension point for generated
+    data, e.g. the demo's `aki_demo.shapes:ShapesSource`), called as `callable(size=, seed=, stage=, **options)`.
+    It returns a sized, indexable dataset of the items the other sources give."""
+    try:
+        factory = pkgutil.resolve_name(source.path)
+    except (ValueError, ImportError, AttributeError) as error:
+        raise ValueError(
+            f"Data source path {source.path!r} (kind python) does not name a callable: {error}. "
+            "Write it as module:callable, with the module importable."
+        ) from error
+    return factory(size=source.size, seed=seed, stage=stage, **source.options)
 
-        return ShapesSource(source.size, seed, stage=stage, **source.options)
+
+def build_source(source: DataSource, stage: str, seed: int):
+    if source.kind == "python":
+        return python_source(source, stage, seed)
     if source.kind == "webdataset":
         return WebDatasetSource(source.path)
     if source.kind == "hf_dataset":
@@ -272,7 +285,7 @@ def build_source(source: DataSource, stage: str, seed: int):
         return RecordSource(source.path, "llava", source.image_root)
     if source.kind == "task":
         return RecordSource(source.path, source.task or "", source.image_root)
-    raise ValueError(f"Unknown data kind {source.kind!r}; use webdataset, hf_dataset, llava_json, task or synthetic.")
+    raise ValueError(f"Unknown data kind {source.kind!r}; use webdataset, hf_dataset, llava_json, task or python.")
 
 
 class MixturePlan:

@@ -23,7 +23,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -194,6 +194,17 @@ def cosine_with_warmup(step: int, cfg: TrainConfig) -> float:
 # ----------------------------------------------------------------------------- engines
 
 
+def load_weights_only(path: Path, map_location, allowed: list | None = None):
+    """`torch.load` of tensors and plain containers (and the `allowed` classes) only, so a checkpoint
+    from elsewhere cannot run code; anything else is refused naming the file."""
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(f"{path} holds more than tensors; refusing to load it ({reason}).") from None
+
+
 class TorchEngine:
     """Plain PyTorch (DDP with several processes) behind the same few calls as DeepSpeed's engine."""
 
@@ -235,13 +246,7 @@ class TorchEngine:
             torch.save(payload, folder / "engine.pt")
 
     def load(self, folder: Path) -> None:
-        # Tensors and plain containers only: a checkpoint from elsewhere cannot run code on resume.
-        path = folder / "engine.pt"
-        try:
-            payload = torch.load(path, map_location=self.device, weights_only=True)
-        except pickle.UnpicklingError as error:
-            reason = str(error).strip().splitlines()[0]
-            raise ValueError(f"{path} holds more than tensors; refusing to load it ({reason}).") from None
+        payload = load_weights_only(folder / "engine.pt", self.device)
         self.module.load_state_dict(payload["model"], strict=False)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -287,6 +292,14 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name)
 
     def load(self, folder: Path) -> None:
+        # DeepSpeed unpickles its files with weights_only=False: each is read weights-only first
+        # (DeepSpeed's own state classes allowed), so a checkpoint from elsewhere runs no code.
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        for path in sorted(folder.glob("*.pt")):
+            load_weights_only(path, "cpu", [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address])
         self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
 
 
@@ -324,11 +337,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def save_loss_curve(metrics_path: Path, out: Path) -> None:
-    import matplotlib
+    from aki.attention_maps import import_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = import_pyplot()
     rows = {}
     for record in read_metrics(metrics_path):
         rows[record["step"]] = record  # a resumed run rewrites the steps after its checkpoint
@@ -350,13 +361,57 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return output_dir / "checkpoints" / pointer.read_text().strip()
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the configured training; returns a summary (final loss, skipped samples, paths)."""
+@dataclass
+class Run:
+    """What every step of a run needs: the engine (model, optimiser, schedule), the processor, where it runs."""
+
+    cfg: TrainConfig
+    engine: TorchEngine | DeepSpeedEngine
+    processor: object
+    device: torch.device
+    rank: int
+    world_size: int
+    dtype: torch.dtype  # of pixel values: DeepSpeed's bf16 mode casts the model itself
+    autocast: torch.autocast  # plain PyTorch trains fp32 weights under bf16 autocast
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+@dataclass
+class Progress:
+    """Where a run stands; a checkpoint saves it and a resumed run starts from it."""
+
+    step: int = 0
+    loss: float = float("nan")
+    skipped: Counter = field(default_factory=Counter)  # samples dropped, by reason
+    notes: Counter = field(default_factory=Counter)  # samples shortened, by reason
+    supervised_tokens: int = 0  # trained on so far, over all ranks
+
+
+@dataclass
+class TrainResult:
+    """The end of `train`: the last step and its loss, sample counts over all ranks, and the export
+    (None when the run stopped early at `stop_after`)."""
+
+    step: int
+    loss: float
+    skipped: dict[str, int]
+    notes: dict[str, int]
+    export: str | None
+
+
+def set_up(cfg: TrainConfig) -> Run:
+    """Processes, output folder (with the resolved config), model and engine."""
     rank, world_size, device = init_distributed(cfg)
-    is_main = rank == 0
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     output_dir = Path(cfg.output_dir)
-    if is_main:
+    if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
 
@@ -364,9 +419,6 @@ def train(cfg: TrainConfig) -> dict:
     model, processor = build_model(cfg)
     model = set_trainable(model, cfg).to(device)
     model.train()
-    # DeepSpeed's bf16 mode casts the model itself; plain PyTorch trains fp32 weights under autocast.
-    dtype = torch.bfloat16 if cfg.bf16 and cfg.deepspeed else torch.float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and not cfg.deepspeed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%s: %.2fM trainable parameters, world size %d, %s", cfg.stage, trainable / 1e6, world_size, device)
 
@@ -378,131 +430,182 @@ def train(cfg: TrainConfig) -> dict:
         engine = DeepSpeedEngine(model, optimizer, scheduler, cfg, world_size)
     else:
         engine = TorchEngine(model, optimizer, scheduler, cfg, device)
+    dtype = torch.bfloat16 if cfg.bf16 and cfg.deepspeed else torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and not cfg.deepspeed)
+    return Run(cfg, engine, processor, device, rank, world_size, dtype, autocast)
 
-    step, skipped, notes, supervised = 0, Counter(), Counter(), 0
-    checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is not None:
-        engine.load(checkpoint)
-        state = json.loads((checkpoint / "state.json").read_text())
-        step, skipped, notes = state["step"], Counter(state["skipped"]), Counter(state["notes"])
-        supervised = state["supervised_tokens"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
 
+def resume(run: Run) -> Progress:
+    """The progress saved by the latest complete checkpoint (its weights go into the engine), or a fresh start."""
+    checkpoint = latest_checkpoint(run.output_dir)
+    if checkpoint is None:
+        return Progress()
+    run.engine.load(checkpoint)
+    state = json.loads((checkpoint / "state.json").read_text())
+    logger.info("resumed from %s at step %d", checkpoint, state["step"])
+    return Progress(
+        state["step"],
+        skipped=Counter(state["skipped"]),
+        notes=Counter(state["notes"]),
+        supervised_tokens=state["supervised_tokens"],
+    )
+
+
+def micro_batches(run: Run, start_step: int):
+    """The data stream from optimiser step `start_step` on, one micro-batch item at a time."""
+    cfg = run.cfg
     sources = [build_source(source, cfg.stage, cfg.seed) for source in cfg.data]
     stream = TrainStream(
         sources,
         [source.weight for source in cfg.data],
-        sample_encoder(cfg.stage, processor, cfg.max_length, cfg.seed),
+        sample_encoder(cfg.stage, run.processor, cfg.max_length, cfg.seed),
         cfg.micro_batch_size,
-        processor.tokenizer.pad_token_id,
+        run.processor.tokenizer.pad_token_id,
         cfg.seed,
-        rank,
-        world_size,
-        start_micro_step=step * cfg.gradient_accumulation_steps,
+        run.rank,
+        run.world_size,
+        start_micro_step=start_step * cfg.gradient_accumulation_steps,
         pack_to=cfg.max_length if cfg.packing else None,
         pad_to_multiple_of=cfg.pad_to_multiple_of,
     )
-    loader = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
+    return iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers))
 
-    metrics_path = output_dir / "metrics.jsonl"
-    writer = None
-    if is_main:
-        read_metrics(metrics_path)  # drops a line cut short by a kill, before this run appends
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(output_dir / "tensorboard"))
-    progress = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc=cfg.stage, dynamic_ncols=True)
-    loss_value = float("nan")
-    while step < cfg.max_steps:
-        started = time.perf_counter()
-        micro_batches = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
-        for item in micro_batches:
-            skipped.update(item["skipped"])
-            notes.update(item["notes"])
-        global_targets = all_sum(sum(supervised_tokens(item["batch"]) for item in micro_batches), device)
-        supervised += int(global_targets)
-        scale = world_size * cfg.gradient_accumulation_steps / max(global_targets, 1.0)
-        local_sum = 0.0
-        for item in micro_batches:
-            if item["batch"] is None:  # every sample skipped: a zero loss still joins the gradient all-reduce
-                token = torch.tensor([[processor.tokenizer.pad_token_id]], device=device)
-                loss = engine(input_ids=token, attention_mask=torch.ones_like(token)).logits.sum() * 0.0
-            else:
-                batch = to_device(item["batch"], device, dtype)
-                labels = batch.pop("labels")
-                with autocast:
-                    outputs = engine(**batch)
-                summed = loss_sum(outputs, labels)
-                local_sum += float(summed.detach())
-                loss = summed * scale
-            engine.backward(loss)
-        grad_norm = engine.step()
-        step += 1
-        loss_value = all_sum(local_sum, device) / max(global_targets, 1.0)
-        tokens = all_sum(sum(tokens_in(item["batch"]) for item in micro_batches), device)
-        elapsed = time.perf_counter() - started
-        lr = engine.optimizer.param_groups[0]["lr"]
-        if is_main:
-            record = {
-                "step": step,
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens / elapsed,
-            }
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                writer.add_scalar(f"train/{key}", record[key], step)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-            progress.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or step == cfg.stop_after:
-            state = {
-                "step": step,
-                "skipped": dict(all_counter(skipped, device)),
-                "notes": dict(all_counter(notes, device)),
-                "supervised_tokens": supervised,
-            }
-            save_checkpoint(engine, output_dir, state, is_main)
-        if step == cfg.stop_after:
-            progress.close()
-            return {"step": step, "loss": loss_value, "stopped": True}
-    progress.close()
-
-    skipped_total, notes_total = all_counter(skipped, device), all_counter(notes, device)
-    summary = {
-        "step": step,
-        "loss": loss_value,
-        "supervised_tokens": supervised,
-        "skipped": dict(skipped_total),
-        "notes": dict(notes_total),
+def optimiser_step(run: Run, items: list[dict]) -> dict[str, float]:
+    """One optimiser step over a step's micro-batches; returns its metrics (loss per supervised token,
+    gradient norm, tokens). The loss is normalised by the supervised tokens of the global batch."""
+    engine, device = run.engine, run.device
+    global_targets = all_sum(sum(supervised_tokens(item["batch"]) for item in items), device)
+    scale = run.world_size * run.cfg.gradient_accumulation_steps / max(global_targets, 1.0)
+    local_sum = 0.0
+    for item in items:
+        if item["batch"] is None:  # every sample skipped: a zero loss still joins the gradient all-reduce
+            token = torch.tensor([[run.processor.tokenizer.pad_token_id]], device=device)
+            loss = engine(input_ids=token, attention_mask=torch.ones_like(token)).logits.sum() * 0.0
+        else:
+            batch = to_device(item["batch"], device, run.dtype)
+            labels = batch.pop("labels")
+            with run.autocast:
+                outputs = engine(**batch)
+            summed = loss_sum(outputs, labels)
+            local_sum += float(summed.detach())
+            loss = summed * scale
+        engine.backward(loss)
+    grad_norm = engine.step()
+    return {
+        "loss": all_sum(local_sum, device) / max(global_targets, 1.0),
+        "grad_norm": grad_norm,
+        "tokens": all_sum(sum(tokens_in(item["batch"]) for item in items), device),
+        "supervised_tokens": int(global_targets),
     }
-    report = output_dir / "data_report.json"
-    if is_main:
-        writer.close()
-        report.write_text(json.dumps(summary, indent=2))
-    if supervised == 0:  # an untrained export would look like a result
-        raise RuntimeError(
-            f"The run trained on no sample: every one was skipped (skipped: {dict(skipped_total) or 'none'}); "
-            f"see {report}. Check the data paths, image_root and max_length."
+
+
+class MetricsLog:
+    """Per-step metrics on the main rank: metrics.jsonl, TensorBoard and the progress bar."""
+
+    def __init__(self, run: Run, start_step: int):
+        self.path, self.writer = run.output_dir / "metrics.jsonl", None
+        if run.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            read_metrics(self.path)  # drops a line cut short by a kill, before this run appends
+            self.writer = SummaryWriter(str(run.output_dir / "tensorboard"))
+        self.bar = tqdm(
+            total=run.cfg.max_steps, initial=start_step, disable=not run.is_main, desc=run.cfg.stage, dynamic_ncols=True
         )
-    export_dir = output_dir / "final"
-    export(engine, processor, export_dir, cfg, is_main)
-    if is_main:
-        save_loss_curve(metrics_path, output_dir / "loss_curve.png")
-        logger.info("skipped samples: %s", dict(skipped_total) or "none")
-        logger.info("shortened samples: %s", dict(notes_total) or "none")
-        logger.info("exported %s; loss curve %s", export_dir, output_dir / "loss_curve.png")
-    return {**summary, "export": str(export_dir)}
+
+    def write(self, step: int, metrics: dict[str, float], lr: float, elapsed: float) -> None:
+        if self.writer is None:
+            return
+        record = {
+            "step": step,
+            "loss": metrics["loss"],
+            "lr": lr,
+            "grad_norm": metrics["grad_norm"],
+            "tokens_per_s": metrics["tokens"] / elapsed,
+        }
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            self.writer.add_scalar(f"train/{key}", record[key], step)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
-def save_checkpoint(engine, output_dir: Path, state: dict, is_main: bool) -> None:
-    """The engine's tensors, the loop `state` (step, counts) as JSON, then the `latest_step` pointer."""
-    folder = output_dir / "checkpoints" / f"step_{state['step']}"
-    engine.save(folder)
-    if is_main:  # the pointer moves only once the checkpoint is complete
+def finish(run: Run, progress: Progress) -> TrainResult:
+    """The data report, then (unless the run trained on nothing) the export and, on the main rank, the loss curve."""
+    skipped, notes = all_counter(progress.skipped, run.device), all_counter(progress.notes, run.device)
+    report = {
+        "step": progress.step,
+        "loss": progress.loss,
+        "supervised_tokens": progress.supervised_tokens,
+        "skipped": dict(skipped),
+        "notes": dict(notes),
+    }
+    report_path = run.output_dir / "data_report.json"
+    if run.is_main:
+        report_path.write_text(json.dumps(report, indent=2))
+    if progress.supervised_tokens == 0:  # an untrained export would look like a result
+        raise RuntimeError(
+            f"The run trained on no sample: every one was skipped (skipped: {dict(skipped) or 'none'}); "
+            f"see {report_path}. Check the data paths, image_root and max_length."
+        )
+    export_dir = run.output_dir / "final"
+    export(run.engine, run.processor, export_dir, run.cfg, run.is_main)
+    result = TrainResult(progress.step, progress.loss, dict(skipped), dict(notes), str(export_dir))
+    if run.is_main:
+        save_loss_curve(run.output_dir / "metrics.jsonl", run.output_dir / "loss_curve.png")
+        logger.info("skipped samples: %s", result.skipped or "none")
+        logger.info("shortened samples: %s", result.notes or "none")
+        logger.info("exported %s; loss curve %s", export_dir, run.output_dir / "loss_curve.png")
+    return result
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the configured training: set up, resume, step (logging and checkpointing), export."""
+    run = set_up(cfg)
+    progress = resume(run)
+    loader = micro_batches(run, progress.step)
+    log = MetricsLog(run, progress.step)
+    while progress.step < cfg.max_steps:
+        started = time.perf_counter()
+        items = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
+        for item in items:
+            progress.skipped.update(item["skipped"])
+            progress.notes.update(item["notes"])
+        metrics = optimiser_step(run, items)
+        progress.step, progress.loss = progress.step + 1, metrics["loss"]
+        progress.supervised_tokens += metrics["supervised_tokens"]
+        log.write(progress.step, metrics, run.engine.optimizer.param_groups[0]["lr"], time.perf_counter() - started)
+        step = progress.step
+        if (cfg.save_every and step % cfg.save_every == 0) or step in (cfg.max_steps, cfg.stop_after):
+            save_checkpoint(run, progress)
+        if step == cfg.stop_after:
+            log.close()
+            return TrainResult(step, progress.loss, dict(progress.skipped), dict(progress.notes), export=None)
+    log.close()
+    return finish(run, progress)
+
+
+def save_checkpoint(run: Run, progress: Progress) -> None:
+    """Engine tensors and progress (sample counts over all ranks, as JSON) under checkpoints/step_N, then the pointer."""
+    skipped, notes = all_counter(progress.skipped, run.device), all_counter(progress.notes, run.device)
+    folder = run.output_dir / "checkpoints" / f"step_{progress.step}"
+    run.engine.save(folder)
+    if run.is_main:  # the pointer moves only once the checkpoint is complete
+        state = {
+            "step": progress.step,
+            "skipped": dict(skipped),
+            "notes": dict(notes),
+            "supervised_tokens": progress.supervised_tokens,
+        }
         (folder / "state.json").write_text(json.dumps(state))
-        pointer = output_dir / "checkpoints" / "latest_step"
+        pointer = run.output_dir / "checkpoints" / "latest_step"
         temporary = pointer.with_suffix(".tmp")
         temporary.write_text(folder.name)
         temporary.replace(pointer)
@@ -541,17 +644,17 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a YAML file under configs/")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    return run_command(lambda: train_and_close(load_config(args.config, parse_overrides(args.set))), args.debug)
+    run_command(lambda: train_and_close(load_config(args.config, parse_overrides(args.set))), args.debug)
 
 
-def train_and_close(cfg: TrainConfig) -> dict:
+def train_and_close(cfg: TrainConfig) -> TrainResult:
     try:
         return train(cfg)
     finally:

@@ -71,6 +71,11 @@ class Benchmark:
         raise NotImplementedError
 
 
+def judge_label(judge, how: dict[str, int]) -> str | None:
+    """The judge's name for `Score.judge` when it decided at least one answer (`how` counts answers by method)."""
+    return judge.name if judge is not None and how.get("judge") else None
+
+
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")

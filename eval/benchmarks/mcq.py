@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from ..data import Record, is_missing, options_of
 from ..extract import can_infer
-from .base import Benchmark, Score, mean
+from .base import Benchmark, Score, judge_label, mean
 
 logger = logging.getLogger("aki.eval")
 
@@ -122,5 +122,5 @@ class MCQBenchmark(Benchmark):
         return Score(
             columns={self.columns[0]: overall},
             metrics=metrics,
-            judge=judge.name if judge is not None and how.get("judge") else None,
+            judge=judge_label(judge, how),
         )

@@ -3,7 +3,7 @@
 from collections import defaultdict
 
 from ..data import Record
-from .base import Benchmark, Score, mean
+from .base import Benchmark, Score, judge_label, mean
 from .yorn import read_yes_no, yes_no_record
 
 PERCEPTION = ("OCR", "artwork", "celebrity", "color", "count", "existence", "landmark", "position", "posters", "scene")
@@ -49,6 +49,6 @@ class MME(Benchmark):
                 "by_category": categories,
                 "answers_read_by": dict(how),
             },
-            judge=judge.name if judge is not None and how.get("judge") else None,
+            judge=judge_label(judge, how),
             notes=[f"subtasks without data: {', '.join(missing)}"] if missing else [],
         )

@@ -5,7 +5,7 @@ import re
 from dataclasses import replace
 
 from ..data import Record, is_missing, options_of
-from .base import Score, mean
+from .base import Score, judge_label, mean
 from .mcq import MCQBenchmark, choose, mcq_prompt
 
 IMAGE_TAG = re.compile(r"<image (\d+)>")
@@ -86,5 +86,5 @@ class MMMU(MCQBenchmark):
         return Score(
             columns={"MMMU": headline},
             metrics={"by_split": by_split, "answers_read_by": how},
-            judge=judge.name if judge is not None and how.get("judge") else None,
+            judge=judge_label(judge, how),
         )

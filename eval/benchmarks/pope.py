@@ -3,7 +3,7 @@
 from collections import defaultdict
 
 from ..data import Record
-from .base import Benchmark, Score
+from .base import Benchmark, Score, judge_label
 from .yorn import read_yes_no, yes_no_record
 
 
@@ -49,5 +49,5 @@ class POPE(Benchmark):
                 "rows": sum(len(p) for p in by_split.values()),
                 "answers_read_by": dict(how),
             },
-            judge=judge.name if judge is not None and how.get("judge") else None,
+            judge=judge_label(judge, how),
         )

@@ -16,7 +16,7 @@ PHI3_SPECIAL_TOKENS = [
 
 def phi_like_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for character in pre_tokenizers.ByteLevel.alphabet():
+    for character in sorted(pre_tokenizers.ByteLevel.alphabet()):  # a set: sorted, for stable ids
         vocab[character] = len(vocab)
     while len(vocab) < 32000:
         vocab[f"<|filler{len(vocab)}|>"] = len(vocab)
@@ -27,6 +27,8 @@ def phi_like_tokenizer() -> PreTrainedTokenizerFast:
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>"
     )
-    wrapped.add_special_tokens({"extra_special_tokens": PHI3_SPECIAL_TOKENS})
+    wrapped.add_special_tokens(
+        {"additional_special_tokens": PHI3_SPECIAL_TOKENS}
+    )  # a key transformers 4 and 5 both read
     assert wrapped.convert_tokens_to_ids("<|user|>") == 32010
     return wrapped

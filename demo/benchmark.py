@@ -1,12 +1,16 @@
-"""The demo's synthetic questions about coloured shapes (training/synthetic.py), held out by seed."""
+"""The demo's benchmark: questions about generated shape scenes (`aki_demo.shapes`), held out by seed.
+
+aki-eval --model DIR --benchmarks aki_demo.benchmark:Shapes
+"""
 
 import json
 from pathlib import Path
 
-from ..data import Record
-from .base import Benchmark, Score, mean
+from aki_eval.benchmarks.base import Benchmark, Score, mean
+from aki_eval.data import Record
+from aki_training.data import VQA_PROMPT  # held-out questions are asked as training asked them
 
-VQA_PROMPT = "Answer the question using a single word or phrase. {question}"
+from .shapes import ShapesSource
 
 
 class Shapes(Benchmark):
@@ -23,8 +27,6 @@ class Shapes(Benchmark):
     size, seed = 300, 10_000
 
     def load(self, data_root) -> list[Record]:
-        from aki_training.synthetic import ShapesSource
-
         settings_file = Path(data_root) / "shapes.json"
         settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
         source = ShapesSource(self.size, self.seed, stage="sft", **settings)

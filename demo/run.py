@@ -8,7 +8,7 @@ runs the real code paths: `aki_training.train` for each stage and `aki_eval.run`
 demo prints accuracy per policy (mean and spread over seeds) and the paired gap with its 95%
 interval, and writes a bar chart (a line per seed), the two attention masks and an attention map.
 
-    python -m aki.demo [--seeds 5] [--quick] [--out outputs/demo] [--language-model DIR]
+    python -m aki_demo [--seeds 5] [--quick] [--out outputs/demo] [--language-model DIR]
 """
 
 import argparse
@@ -16,14 +16,20 @@ import json
 import logging
 import statistics
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .masking import dense_attention_mask, render_mask, token_roles
+from aki.attention_maps import import_pyplot, render_mask
+from aki.masking import dense_attention_mask, token_roles
 
-logger = logging.getLogger("aki.demo")
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from .benchmark import Shapes
+from .shapes import ShapesSource
+
+logger = logging.getLogger("aki_demo")
+CONFIGS = resources.files("aki_demo") / "configs"  # package data: found in a wheel install as in a checkout
+BENCHMARK = "aki_demo.benchmark:Shapes"
 POLICIES = ("causal", "mma")
 QUICK_STEPS, QUICK_EVAL_SIZE = 8, 24
 
@@ -36,7 +42,6 @@ def run_seed(seed: int, out: Path, quick: bool, language_model: str | None = Non
     pretrained causal LM folder) the language stage is skipped: the tiny vision tower and
     connector are trained in front of that LM, with the `demo_lm_*` recipe.
     """
-    from aki_eval.benchmarks import get_benchmark
     from aki_eval.run import evaluate
     from aki_training.config import load_config
     from aki_training.train import train
@@ -67,9 +72,9 @@ def run_seed(seed: int, out: Path, quick: bool, language_model: str | None = Non
         )
         (export / "shapes.json").write_text(json.dumps(sft.data[0].options))  # the held-out questions match training
         limit = QUICK_EVAL_SIZE if quick else None
-        result = evaluate(str(export), ["shapes"], export, export.parent / "eval", limit=limit, batch_size=32)
-        scores[policy] = result["shapes"].columns["Shapes"]
-        held_out = limit or get_benchmark("shapes").size
+        result = evaluate(str(export), [BENCHMARK], export, export.parent / "eval", limit=limit, batch_size=32)
+        scores[policy] = result[Shapes.name].columns["Shapes"]
+        held_out = limit or Shapes.size
         logger.info("seed %d, %s: %.1f%% on %s held-out questions", seed, policy, scores[policy], held_out)
     return scores
 
@@ -135,11 +140,7 @@ def table(summary: dict, seeds: list[int]) -> str:
 
 
 def bar_chart(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = import_pyplot()
     figure, axis = plt.subplots(figsize=(4, 3.5))
     means = [summary[p]["mean"] for p in POLICIES]
     errors = [summary[p]["std"] for p in POLICIES]
@@ -169,7 +170,7 @@ def draw_masks(model, processor, image, question: str, out: Path) -> dict[str, P
     return paths
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
@@ -191,16 +192,15 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.perf_counter() - started
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from aki_training.synthetic import ShapesSource
-
-    from .attention_maps import save_attention_maps
+    from aki.attention_maps import save_attention_maps
+    from aki_training.data import VQA_PROMPT
 
     mma_model_dir = args.out / f"seed{seeds[0]}" / "sft_mma" / "final"
     model = AutoModelForImageTextToText.from_pretrained(mma_model_dir).eval()
     processor = AutoProcessor.from_pretrained(mma_model_dir)
     options = json.loads((mma_model_dir / "shapes.json").read_text())
     example = ShapesSource(1, 99, stage="sft", **options)[0]["record"]
-    question = "Answer the question using a single word or phrase. " + example["question"]
+    question = VQA_PROMPT.format(question=example["question"])
     masks = draw_masks(model, processor, example["image"], question, args.out)
     attention_map = save_attention_maps(model, processor, example["image"], question, args.out / "attention_map.png")
     backbone = f"{Path(args.language_model).name} backbone" if args.language_model else "Tiny AKI"
@@ -223,7 +223,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Mask ({policy:6s}): {path}")
     print(f"Attention map : {attention_map}")
     print(f"Elapsed       : {elapsed:.0f} s on {torch.get_num_threads()} CPU threads")
-    return results
 
 
 if __name__ == "__main__":
