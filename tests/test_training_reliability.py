@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from torch.utils.data import DataLoader
 
+from aki_demo.shapes import write_llava_json
 from aki_training.config import DataSource, load_config
 from aki_training.data import TrainStream, build_source, sample_encoder
 from aki_training.encode import Encoded, SampleError
-from aki_demo.shapes import write_llava_json
 from aki_training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
