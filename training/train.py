@@ -593,7 +593,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def save_checkpoint(run: Run, progress: Progress) -> None:
-    """Engine tensors, then progress (sample counts over all ranks) as JSON, under checkpoints/step_N; then the pointer."""
+    """Engine tensors and progress (counts over all ranks, as JSON) under checkpoints/step_N, then the pointer."""
     skipped, notes = all_counter(progress.skipped, run.device), all_counter(progress.notes, run.device)
     folder = run.output_dir / "checkpoints" / f"step_{progress.step}"
     run.engine.save(folder)
