@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo,train,lora]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo,train,lora,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)

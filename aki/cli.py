@@ -3,6 +3,7 @@
 aki chat --model DIR --image PATH "What is in the image?"     # one answer, streamed
 aki chat --model DIR [--image PATH]                           # interactive; /image PATH, /reset, /quit
 aki attention --model DIR --image PATH "question" --out map.png
+aki serve --model DIR [--host 127.0.0.1] [--port 8000]          # OpenAI-compatible server (aki[serve])
 """
 
 import argparse
@@ -98,7 +99,12 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("question", nargs="?", help="the question (chat: omit it for an interactive session)")
     chat_parser.add_argument("--max-new-tokens", type=int, default=256)
     attention_parser.add_argument("--out", type=Path, default=Path("attention_map.png"))
-    for sub in (chat_parser, attention_parser):
+    serve_parser = commands.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions)")
+    serve_parser.add_argument("--model", required=True, help="a native AKI folder")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    for sub in (chat_parser, attention_parser, serve_parser):
         add_debug_flag(sub)
     args = parser.parse_args(argv)
     if args.command == "attention" and not (args.image and args.question):
@@ -107,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.command == "serve":
+        from .serving import build_app, serve
+
+        serve(build_app(args.model, args.allow_remote_images), args.host, args.port)
+        return
     model, processor = load(args.model)
     if args.command == "attention":
         from .attention_maps import save_attention_maps
