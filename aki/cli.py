@@ -12,13 +12,15 @@ from pathlib import Path
 
 from transformers import TextStreamer
 
+from .commands import add_debug_flag, model_folder, run_command
+
 
 def load(model_dir: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import aki  # noqa: F401  (registers the Auto classes)
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_folder(model_dir)).eval()
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
@@ -107,22 +109,22 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
     serve_parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    for sub in (chat_parser, attention_parser, serve_parser):
+        add_debug_flag(sub)
     args = parser.parse_args(argv)
+    if args.command == "attention" and not (args.image and args.question):
+        parser.error("attention needs --image and a question")
+    run_command(lambda: run(args), args.debug)
 
+
+def run(args: argparse.Namespace) -> None:
     if args.command == "serve":
         from .serving import build_app, serve
 
-        try:
-            app = build_app(args.model, args.allow_remote_images)
-        except ValueError as error:
-            parser.error(str(error))
-        serve(app, args.host, args.port)
+        serve(build_app(args.model, args.allow_remote_images), args.host, args.port)
         return
-
     model, processor = load(args.model)
     if args.command == "attention":
-        if not args.image or not args.question:
-            parser.error("attention needs --image and a question")
         from .attention_maps import save_attention_maps
         from .processing_aki import load_image
 

@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
+from .commands import add_debug_flag, run_command
 from .configuration_aki import SIGLIP_SO400M_384, AkiConfig
 from .modeling_aki import AkiForConditionalGeneration
 from .presets import PHI35_MINI
@@ -315,16 +316,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the checkpoint folder)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    convert(
-        args.checkpoint,
-        args.out,
-        args.vision_config,
-        args.text_config,
-        args.tokenizer,
-        args.dtype,
-        args.max_shard_size_gb,
+    run_command(
+        lambda: convert(
+            args.checkpoint,
+            args.out,
+            args.vision_config,
+            args.text_config,
+            args.tokenizer,
+            args.dtype,
+            args.max_shard_size_gb,
+        ),
+        args.debug,
     )
 
 

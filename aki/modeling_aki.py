@@ -151,6 +151,23 @@ class AkiMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
+def refuse_flex_padded_generation_on_cpu(config: AkiConfig, attention_mask: torch.Tensor | None, device) -> None:
+    """PyTorch's Inductor CPU kernel for flex_attention fails to compile (CppCompileError) at the
+    decode steps of a padded batch; unpadded batches and CUDA work. Say so before any work."""
+    if (
+        torch.device(device).type == "cpu"
+        and config.text_config._attn_implementation == "flex_attention"
+        and isinstance(attention_mask, torch.Tensor)
+        and attention_mask.ndim == 2
+        and not bool(attention_mask.all())
+    ):
+        raise ValueError(
+            "flex_attention cannot generate from a padded batch on CPU: PyTorch's CPU flex_attention kernel "
+            "fails to compile for its decode steps. Generate with attn_implementation='sdpa' or 'eager' "
+            "(same outputs), or one prompt at a time."
+        )
+
+
 class AkiPreTrainedModel(PreTrainedModel):
     config: AkiConfig
     base_model_prefix = "model"
@@ -244,6 +261,16 @@ class AkiModel(AkiPreTrainedModel):
                 f"The text holds {num_tokens} image tokens, but {num_images} image(s) of "
                 f"{tokens_per_image} tokens each were given ({num_images * tokens_per_image} tokens). Each "
                 f"<image> must be expanded to {tokens_per_image} tokens, once per image: use AkiProcessor."
+            )
+        # Each run of image tokens holds whole images (adjacent images make one longer run); a
+        # right total with runs of 7 and 9 tokens for 8-token images would misplace features.
+        edges = F.pad(is_image.int(), (1, 1)).diff(dim=-1)  # +1 where a run starts, -1 after it ends
+        runs = (edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]
+        if (runs % tokens_per_image).any():
+            sizes = " and ".join(str(size) for size in runs.tolist())
+            raise ValueError(
+                f"The text holds blocks of {sizes} image tokens; each block must hold a multiple of "
+                f"{tokens_per_image} (one image's tokens): expand each <image> with AkiProcessor."
             )
         return is_image.unsqueeze(-1)
 
@@ -362,6 +389,10 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
         self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        refuse_flex_padded_generation_on_cpu(self.config, kwargs.get("attention_mask"), self.device)
+        return super().generate(*args, **kwargs)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

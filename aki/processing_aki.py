@@ -1,8 +1,10 @@
 """AkiProcessor: SigLIP image preprocessing, the chat template and `<image>` expansion."""
 
+import io
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import ProcessorMixin
 from transformers.image_utils import PILImageResampling
@@ -85,23 +87,68 @@ def flatten_images(images) -> list:
     return [images]
 
 
-def load_image(image) -> Image.Image | np.ndarray:
-    """Open a path, or check an in-memory image; raise a ValueError that names the problem."""
-    if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as opened:
-                return opened.convert("RGB")
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"Cannot read image {str(image)!r}: {error}") from error
-    if isinstance(image, Image.Image):
-        return image
-    array = np.asarray(image)
-    channels_ok = array.ndim == 2 or (array.ndim == 3 and (array.shape[-1] in (1, 3, 4) or array.shape[0] in (1, 3, 4)))
-    if not channels_ok or min(array.shape[:2]) == 0:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit integer modes keep their scale (PIL's own conversion clips them to white),
+    float modes go through `array_to_rgb`, and transparency is composited onto white."""
+    if image.mode.startswith("I"):  # "I;16*" and "I" (how PIL opens 16-bit PNGs)
+        return array_to_rgb(np.asarray(image).astype(np.int64).clip(0, 65535).astype(np.uint16))
+    if image.mode == "F":
+        return array_to_rgb(np.asarray(image))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def array_to_rgb(array) -> Image.Image:
+    """An image array or tensor (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels -> 8-bit RGB.
+
+    uint8 is taken as is, uint16 as 16 bits, other integers must lie in [0, 255] and floats in
+    [0, 1] (the scale transformers' image processors give them).
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        array = (array.float() if array.is_floating_point() else array).numpy()
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4))) or min(array.shape[:2]) == 0:
         raise ValueError(
             f"An image must be (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels; got shape {array.shape}."
         )
-    return image
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype == np.uint16:
+        array = (array / 257.0).round()
+    elif np.issubdtype(array.dtype, np.floating):
+        if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise ValueError(
+                f"A float image must hold values in [0, 1], got [{array.min()}, {array.max()}]; "
+                "pass uint8 for values in [0, 255]."
+            )
+        array = (array * 255.0).round()
+    elif array.dtype != np.uint8 and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"An integer image must hold values in [0, 255], got [{array.min()}, {array.max()}].")
+    array = array.astype(np.uint8)
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1] if array.ndim == 3 else 2]
+    return to_rgb(Image.fromarray(array, mode))
+
+
+def load_image(image) -> Image.Image:
+    """8-bit RGB from a path, encoded bytes, a PIL image, or an array / tensor (`array_to_rgb`);
+    raise a ValueError that names the problem."""
+    if isinstance(image, bytes):
+        image = io.BytesIO(image)
+    if isinstance(image, (str, Path, io.IOBase)):
+        name = str(image) if isinstance(image, (str, Path)) else "from bytes"
+        try:
+            with Image.open(image) as opened:
+                return to_rgb(opened)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+            raise ValueError(f"Cannot read image {name!r}: {error}") from error
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    return array_to_rgb(image)
 
 
 class AkiProcessor(ProcessorMixin):

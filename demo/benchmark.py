@@ -27,7 +27,7 @@ class Shapes(Benchmark):
     size, seed = 300, 10_000
     reads_back_predictions = False  # not a VLMEvalKit benchmark
 
-    def load(self, data_root, hf_config=None) -> list[Record]:
+    def load(self, data_root, hf_config=None, skipped=None) -> list[Record]:
         settings_file = Path(data_root) / "shapes.json"
         settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
         source = ShapesSource(self.size, self.seed, stage="sft", **settings)

@@ -9,6 +9,7 @@ import ast
 import base64
 import csv
 import io
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 csv.field_size_limit(sys.maxsize)
+logger = logging.getLogger("aki.eval.data")
 
 
 class BenchmarkDataError(ValueError):
@@ -74,14 +76,45 @@ def decode_base64_image(data: str) -> Image.Image:
         raise BenchmarkDataError(f"An image cell is not a base64 image ({error}).") from error
 
 
-def read_tsv(path: Path) -> list[dict[str, str]]:
-    """The rows of a VLMEvalKit TSV, with `image` cells replaced by lazy image loaders (a list)."""
+def check_base64_image(data: str) -> None:
+    """Raise a ValueError unless `data` is base64 of an image file PIL can read (its header and,
+    for PNG, its checksums; the pixels are decoded only when the question is asked)."""
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as image:
+            image.verify()
+    except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"its image cell is not a base64 image ({error or type(error).__name__})") from error
+
+
+def refuse_duplicate_indices(indices: list[str], where: str) -> None:
+    """Predictions are stored by index, so two questions with one index would share one answer:
+    raise a `BenchmarkDataError` naming each repeated index and its rows (counted from 1)."""
+    rows: dict[str, list[int]] = {}
+    for row, index in enumerate(indices, 1):
+        rows.setdefault(index, []).append(row)
+    repeated = [(index, numbers) for index, numbers in rows.items() if len(numbers) > 1]
+    if repeated:
+        described = "; ".join(
+            f"index {index!r} is on rows {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
+            for index, numbers in repeated[:5]
+        )
+        more = f" (and {len(repeated) - 5} more)" if len(repeated) > 5 else ""
+        raise BenchmarkDataError(f"{where}: {described}{more}. Give each question its own index.")
+
+
+def read_tsv(path: Path, skipped: list[str] | None = None) -> list[dict[str, str]]:
+    """The rows of a VLMEvalKit TSV, with `image` cells replaced by lazy image loaders (a list).
+
+    A row whose image cell is not a readable base64 image (or points to no usable row) is left
+    out, logged, and described in `skipped` ("FILE row N (index I): why").
+    """
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     if not rows:
         raise BenchmarkDataError(f"{path} holds no rows.")
     if "index" not in rows[0]:
         raise BenchmarkDataError(f"{path} has no 'index' column; columns: {sorted(rows[0])}.")
+    refuse_duplicate_indices([row["index"] for row in rows], str(path))
     by_index = {row["index"]: row for row in rows}
 
     def loaders(cell: str) -> list:
@@ -89,15 +122,28 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
             return []
         if len(cell) <= 64:  # a pointer to another row's image
             if cell not in by_index:
-                raise BenchmarkDataError(f"{path}: image cell {cell!r} points to no row.")
+                raise ValueError(f"its image cell {cell!r} points to no row")
             return loaders(by_index[cell]["image"])
-        if cell.startswith("["):
-            return [lambda data=data: decode_base64_image(data) for data in ast.literal_eval(cell)]
-        return [lambda: decode_base64_image(cell)]
+        try:
+            cells = ast.literal_eval(cell) if cell.startswith("[") else [cell]
+        except (ValueError, SyntaxError) as error:
+            raise ValueError(f"its image cell is not a list of base64 images ({error})") from error
+        for data in cells:
+            check_base64_image(data)
+        return [lambda data=data: decode_base64_image(data) for data in cells]
 
-    for row in rows:
-        row["_images"] = loaders(row.get("image", ""))
-    return rows
+    good = []
+    for number, row in enumerate(rows, 1):
+        try:
+            row["_images"] = loaders(row.get("image", ""))
+        except ValueError as error:
+            reason = f"{path.name} row {number} (index {row['index']}): {error}"
+            logger.warning("skipping %s", reason)
+            if skipped is not None:
+                skipped.append(reason)
+            continue
+        good.append(row)
+    return good
 
 
 def read_hf(path: Path, split: str | None = None, config: str | None = None) -> list[dict]:

@@ -30,14 +30,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from aki.commands import add_debug_flag, model_folder, run_command
 from aki.masking import ATTENTION_POLICIES
 
-from .benchmarks import BENCHMARKS, Benchmark, Score, get_benchmark
+from .benchmarks import BENCHMARKS, NEEDS_JUDGE, Benchmark, Score, get_benchmark
 from .data import Record
-from .judge import CachedJudge, Judge
+from .judge import CachedJudge, Judge, JudgeError
 from .paper import AKI_4B_TABLE_2, COLUMNS
 
 logger = logging.getLogger("aki.eval")
+JUDGE_FAILED = "judge failed"
 
 
 def aki_content(message: list[dict]) -> tuple[list[dict], list]:
@@ -54,7 +56,8 @@ def aki_content(message: list[dict]) -> tuple[list[dict], list]:
 
 
 def read_predictions(path: Path, repair: bool = True) -> dict[str, str]:
-    """Predictions written so far; a line cut short by a kill is dropped (and its question asked again).
+    """Predictions written so far. A line cut short by a kill, or one without an `index` and a
+    text `prediction`, is dropped (and its question asked again).
 
     With `repair`, the file is rewritten without such lines (only its own writer may do that)."""
     predictions = {}
@@ -62,12 +65,17 @@ def read_predictions(path: Path, repair: bool = True) -> dict[str, str]:
         return predictions
     lines = path.read_text().splitlines()
     good = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and "index" in record and isinstance(record.get("prediction"), str)):
+            logger.warning(
+                "%s line %d is not a prediction; its question will be asked again: %.80s", path, number, line
+            )
             continue
-        predictions[record["index"]] = record["prediction"]
+        predictions[str(record["index"])] = record["prediction"]
         good.append(line)
     if repair and len(good) != len(lines):
         path.write_text("".join(line + "\n" for line in good))
@@ -131,6 +139,7 @@ class Predictor:
 
         import aki  # noqa: F401  (registers the Auto classes)
 
+        model_dir = model_folder(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()
@@ -210,6 +219,29 @@ def predict(
     return predictions
 
 
+def score_without_a_failed_judge(benchmark: Benchmark, records, predictions, judge: Judge | None) -> Score:
+    """The benchmark's score; if the judge fails for good, the score without it: columns that need
+    the judge read JUDGE_FAILED, the rule-scored ones keep their numbers, and a note says so."""
+    try:
+        return benchmark.score(records, predictions, judge)
+    except JudgeError as error:
+        logger.error("%s: %s; scoring without the judge", benchmark.name, error)
+        score = benchmark.score(records, predictions, None)
+        columns = {name: JUDGE_FAILED if value == NEEDS_JUDGE else value for name, value in score.columns.items()}
+        note = f"the judge failed ({error}); the numbers here are the rules' alone"
+        return replace(score, columns=columns, notes=[*score.notes, note])
+
+
+def write_results(scores: dict[str, Score], output: Path, label: str) -> None:
+    results = {
+        name: {"columns": s.columns, "metrics": s.metrics, "judge": s.judge, "notes": s.notes}
+        for name, s in scores.items()
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (output / "table.md").write_text(table(scores, label))
+
+
 def format_number(value) -> str:
     if isinstance(value, str):
         return value
@@ -255,9 +287,8 @@ def evaluate(
     hf_configs: dict[str, str] | None = None,
     max_new_tokens: int | None = None,
 ) -> dict[str, Score]:
-    """Predict on every benchmark (this rank's shard), then, on rank 0, merge, score and write the table.
-
-    Returns the scores on rank 0 and an empty dict on the other ranks."""
+    """Per benchmark: predict this rank's shard, then on rank 0 merge, score and rewrite the results,
+    so a later failure keeps what was scored. Returns the scores on rank 0, an empty dict elsewhere."""
     selected = [get_benchmark(name) for name in benchmarks]  # unknown names fail before any work
     ranks = Ranks.from_environment()
     device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -266,30 +297,26 @@ def evaluate(
             torch.cuda.set_device(ranks.local_rank)  # NCCL's barrier runs on the current device
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     predictor = predictor or Predictor(model, policy, device=device, max_new_tokens=max_new_tokens)
-    loaded = {}
-    for benchmark in selected:
-        records = benchmark.load(data_root, (hf_configs or {}).get(benchmark.name))
-        loaded[benchmark.name] = records[:limit] if limit else records
-        predict(benchmark, loaded[benchmark.name], predictor, output / benchmark.name, batch_size, ranks)
-    ranks.barrier()  # every rank's predictions are on disk
-    if ranks.rank != 0:
-        return {}
     judge = CachedJudge(judge, output / "judge_replies.jsonl") if judge is not None else None
+    label = f"ours ({Path(model).name}{', ' + policy if policy else ''})"
     scores = {}
     for benchmark in selected:
         started = time.perf_counter()
-        records = loaded[benchmark.name]
-        predictions = merge_predictions(output / benchmark.name)
-        scores[benchmark.name] = benchmark.score(records, benchmark.read_back(predictions), judge)
-        logger.info("%s: %s (%.0f s)", benchmark.name, scores[benchmark.name].columns, time.perf_counter() - started)
-    results = {
-        name: {"columns": s.columns, "metrics": s.metrics, "judge": s.judge, "notes": s.notes}
-        for name, s in scores.items()
-    }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    label = f"ours ({Path(model).name}{', ' + policy if policy else ''})"
-    (output / "table.md").write_text(table(scores, label))
+        skipped = []
+        records = benchmark.load(data_root, (hf_configs or {}).get(benchmark.name), skipped)
+        records = records[:limit] if limit else records
+        predict(benchmark, records, predictor, output / benchmark.name, batch_size, ranks)
+        ranks.barrier()  # every rank's predictions are on disk
+        if ranks.rank != 0:
+            continue
+        predictions = benchmark.read_back(merge_predictions(output / benchmark.name))
+        score = score_without_a_failed_judge(benchmark, records, predictions, judge)
+        if skipped:
+            score.metrics["skipped_rows"] = skipped
+            score.notes.append(f"{len(skipped)} row(s) skipped: {skipped[0]}{' ...' if len(skipped) > 1 else ''}")
+        scores[benchmark.name] = score
+        logger.info("%s: %s (%.0f s)", benchmark.name, score.columns, time.perf_counter() - started)
+        write_results(scores, output, label)  # after each benchmark: a later failure keeps these
     return scores
 
 
@@ -327,21 +354,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--judge-base-url")
     parser.add_argument("--judge-model")
     parser.add_argument("--judge-api-key")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     judge = Judge.from_environment(args.judge_base_url, args.judge_model, args.judge_api_key)
     names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     output = args.output / args.policy if args.policy else args.output
     configs = parse_hf_configs(args.hf_config)
-    try:
-        scores = evaluate(
-            args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge,
-            hf_configs=configs, max_new_tokens=args.max_new_tokens,
-        )  # fmt: skip
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if scores:
+
+    def run() -> dict[str, Score]:
+        try:
+            return evaluate(
+                args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge,
+                hf_configs=configs, max_new_tokens=args.max_new_tokens,
+            )  # fmt: skip
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    if run_command(run, args.debug):
         print((output / "table.md").read_text())
 
 

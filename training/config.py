@@ -1,6 +1,8 @@
-"""Training configuration: plain dataclasses read from YAML, with unknown keys refused."""
+"""Training configuration: plain dataclasses read from YAML, with unknown keys and wrong types refused by key."""
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -92,33 +94,100 @@ class TrainConfig:
             raise ValueError("The config lists no data.")
 
 
+# Counts and sizes that must be at least 1 (0 would train on nothing or divide by zero).
+POSITIVE = {"max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "pad_to_multiple_of", "size"}
+
+
+def checked(value, annotation, key: str):
+    """`value` as the field's type wants it (an int is a fine float, a list a fine tuple); else a
+    ValueError naming `key`. YAML gives the types, so nothing is parsed from strings here."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arguments:
+            return None
+        (annotation,) = [argument for argument in arguments if argument is not type(None)]
+        return checked(value, annotation, key)
+    if origin is Literal:
+        if value not in arguments:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, arguments))}, got {value!r}.")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(arguments):
+            raise ValueError(f"{key} must be a list of {len(arguments)} numbers, got {value!r}.")
+        return tuple(
+            checked(item, argument, f"{key}[{i}]")
+            for i, (item, argument) in enumerate(zip(value, arguments, strict=True))
+        )
+    expected = {
+        bool: ("true or false", lambda v: isinstance(v, bool)),
+        int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+        float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+        str: ("a string", lambda v: isinstance(v, str)),
+        dict: ("a mapping", lambda v: isinstance(v, dict)),
+    }
+    if annotation in expected:
+        wanted, accepts = expected[annotation]
+        if not accepts(value):
+            raise ValueError(f"{key} must be {wanted}, got {value!r} ({type(value).__name__}).")
+        if key.rsplit(".", 1)[-1] in POSITIVE and value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}.")
+        return float(value) if annotation is float else value
+    return value
+
+
 def _build(cls, values: dict[str, Any], where: str):
+    """`cls` from `values`; `where` is the key path of `values` ("" at the top)."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}.")
+        raise ValueError(f"{where or 'The config'} must be a mapping, got {type(values).__name__}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"Unknown key(s) in {where}: {', '.join(unknown)}. Known: {', '.join(sorted(fields))}.")
+        raise ValueError(
+            f"Unknown key(s) in {where or 'the config'}: {', '.join(unknown)}. Known: {', '.join(sorted(fields))}."
+        )
+    prefix = f"{where}." if where else ""
+    hints = typing.get_type_hints(cls)
     nested = {"model": ModelConfig, "optim": OptimConfig}
     kwargs = {}
     for key, value in values.items():
         if key in nested:
-            value = _build(nested[key], value, f"{where}.{key}")
+            value = _build(nested[key], value, f"{prefix}{key}")
         elif key == "data":
-            value = [_build(DataSource, item, f"{where}.data[{i}]") for i, item in enumerate(value)]
-        elif key == "betas":
-            value = tuple(value)
+            if not isinstance(value, list):
+                raise ValueError(f"{prefix}data must be a list of sources, got {type(value).__name__}.")
+            value = [_build(DataSource, item, f"{prefix}data[{i}]") for i, item in enumerate(value)]
+        else:
+            value = checked(value, hints[key], f"{prefix}{key}")
         kwargs[key] = value
     return cls(**kwargs)
 
 
+def set_dotted(values: dict, dotted: str, value) -> None:
+    """`values["optim"]["lr"] = value` for "optim.lr"; a number picks a list item ("data.0.path")."""
+    target = values
+    *parents, last = dotted.split(".")
+    for depth, key in enumerate([*parents, last]):
+        where = ".".join(parents[:depth]) or "the config"
+        if isinstance(target, list):
+            if not key.isdigit() or int(key) >= len(target):
+                raise ValueError(f"--set {dotted}: {where} is a list of {len(target)} item(s); use an index below it.")
+            key = int(key)
+        elif not isinstance(target, dict):
+            raise ValueError(f"--set {dotted}: {where} is {target!r}, not a mapping.")
+        if depth == len(parents):
+            target[key] = value
+        elif isinstance(target, dict):
+            target = target.setdefault(key, {})
+        else:
+            target = target[key]
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config; `overrides` (dotted keys, e.g. {"optim.lr": 1e-3}) replace its values."""
+    """Read a YAML config; `overrides` (dotted keys, e.g. {"optim.lr": 1e-3, "data.0.path": "x"}) replace its values."""
     values = yaml.safe_load(Path(path).read_text()) or {}
-    for dotted, value in (overrides or {}).items():
-        target = values
-        *parents, last = dotted.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[last] = value
-    return _build(TrainConfig, values, str(path))
+    try:
+        for dotted, value in (overrides or {}).items():
+            set_dotted(values, dotted, value)
+        return _build(TrainConfig, values, "")
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

@@ -11,7 +11,6 @@ positions) and walks that source through a fresh permutation per epoch, so a sou
 are not repeated before all of them have been used.
 """
 
-import io
 import json
 import pkgutil
 import string
@@ -21,11 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from aki.processing_aki import load_image
+
 from .config import DataSource
-from .encode import SampleError, collate, encode_caption, encode_conversation, pack
+from .encode import SampleError, check_text, collate, encode_caption, encode_conversation, pack
 
 BLOCK = 4096  # positions whose sources are drawn from one seeded generator
 
@@ -42,21 +43,16 @@ TASKS = ("vqa", "gqa", "ocrvqa", "vsr", "aokvqa", "scienceqa", "refcoco", "refco
 
 
 def open_image(value, image_root: str | None = None) -> Image.Image:
-    """A path (relative to `image_root`), raw bytes, a `datasets` image dict or a PIL image -> RGB PIL."""
+    """A path (relative to `image_root`), raw bytes, a `datasets` image dict or a PIL image -> 8-bit RGB PIL."""
+    if isinstance(value, dict):  # datasets' undecoded Image feature
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (str, Path)):
+        value = Path(image_root or "") / str(value)
+        if not value.exists():
+            raise SampleError("missing_image", str(value))
     try:
-        if isinstance(value, Image.Image):
-            return value.convert("RGB")
-        if isinstance(value, dict):  # datasets' undecoded Image feature
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, bytes):
-            with Image.open(io.BytesIO(value)) as image:
-                return image.convert("RGB")
-        path = Path(image_root or "") / str(value)
-        if not path.exists():
-            raise SampleError("missing_image", str(path))
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+        return load_image(value)
+    except ValueError as error:
         raise SampleError("bad_image", str(error)) from error
 
 
@@ -93,7 +89,7 @@ class WebDatasetSource:
             raise SampleError("missing_image", f"{shard}: no image for {sorted(members)}")
         with tarfile.open(shard) as tar:
             image = tar.extractfile(image_member).read()
-            text = tar.extractfile(members["txt"]).read().decode("utf-8") if "txt" in members else ""
+            text = tar.extractfile(members["txt"]).read().decode("utf-8", "surrogateescape") if "txt" in members else ""
         return {"image": image, "text": text}
 
 
@@ -121,29 +117,54 @@ class HFDatasetSource:
         return {"image": row[self.image_column], "text": row[self.text_column]}
 
 
-def read_records(path: str) -> list[dict]:
-    """A JSON list or a JSON-lines file."""
-    text = Path(path).read_text()
+def read_records(path: str) -> list:
+    """A JSON list or a JSON-lines file. Bytes that are not UTF-8 stay in their record (as lone
+    surrogates) and a JSON-lines line that does not parse stays as a `MalformedLine`, so one bad
+    record is skipped and counted when it is drawn instead of failing the whole file."""
+    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
     if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                records.append(MalformedLine(f"{path} line {number}: {error}"))
+    return records
+
+
+class MalformedLine(str):
+    """A JSON-lines line that does not parse; its text says where and why."""
 
 
 def llava_messages(record: dict) -> tuple[list[dict], list[str]]:
     """A LLaVA record (`conversations` of human/gpt turns, `image` a path or list) -> messages, image paths.
 
     `<image>` markers in the text become image items where they stand; an image the text never
-    marks goes before the first question, as LLaVA does. Multi-turn stays multi-turn.
+    marks goes before the first question, as LLaVA does. Multi-turn stays multi-turn. A record of
+    another shape raises `SampleError("malformed_record")`.
     """
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise SampleError("malformed_record", f"no 'conversations' list in {keys}")
     images = record.get("image") or []
-    images = [images] if isinstance(images, str) else list(images)
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list):
+        raise SampleError("malformed_record", f"'image' is {type(images).__name__}, not a path or a list of paths")
+    images = [check_text(image, "image") for image in images]
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
     messages, marked = [], 0
-    for turn in record.get("conversations", []):
+    for turn in record["conversations"]:
+        if not isinstance(turn, dict):
+            raise SampleError("malformed_record", f"a turn is {type(turn).__name__}, not a mapping")
         role = roles.get(turn.get("from"))
         if role is None:
             raise SampleError("bad_conversation", f"unknown speaker {turn.get('from')!r}")
-        value = turn.get("value") or ""
+        value = check_text(turn.get("value") or "", "value")
         if role != "user":
             messages.append({"role": role, "content": value.strip()})
             continue
@@ -188,6 +209,15 @@ def shuffled_options(record: dict, rng: np.random.Generator) -> tuple[str, str]:
 
 def task_sample(task: str, record: dict, image_root: str | None, rng: np.random.Generator) -> tuple[list, list]:
     """A normalised task record -> (messages, images) through the paper's template for that task."""
+    if task != "llava" and not isinstance(record, dict):
+        raise SampleError("malformed_record", f"a record is {type(record).__name__}, not a mapping")
+    try:
+        return _task_sample(task, record, image_root, rng)
+    except KeyError as error:
+        raise SampleError("malformed_record", f"no field {error} in a {task} record") from error
+
+
+def _task_sample(task: str, record: dict, image_root: str | None, rng: np.random.Generator) -> tuple[list, list]:
     if task == "llava":
         messages, paths = llava_messages(record)
         return messages, [open_image(path, image_root) for path in paths]
@@ -224,7 +254,10 @@ class RecordSource:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        return {"task": self.task, "record": self.records[index], "image_root": self.image_root}
+        record = self.records[index]
+        if isinstance(record, MalformedLine):
+            raise SampleError("malformed_record", record)
+        return {"task": self.task, "record": record, "image_root": self.image_root}
 
 
 def python_source(source: DataSource, stage: str, seed: int):
@@ -336,7 +369,9 @@ class TrainStream(IterableDataset):
             batch = pack(encoded, self.pack_to, self.pad_token_id, self.pad_to_multiple_of)
         else:
             batch = collate(encoded, self.pad_token_id, self.pad_to_multiple_of)
-        return {"micro_step": micro_step, "batch": batch, "skipped": skipped, "notes": notes}
+        # Plain dicts: the DataLoader's `default_convert` copies a Counter and then `update()`s the
+        # copy with its own items, which doubles every count.
+        return {"micro_step": micro_step, "batch": batch, "skipped": dict(skipped), "notes": dict(notes)}
 
     def __iter__(self):
         worker = get_worker_info()

@@ -25,6 +25,17 @@ class SampleError(Exception):
         self.reason = reason
 
 
+def check_text(value, field: str) -> str:
+    """`value` if it is text that encodes to UTF-8 (JSON allows lone surrogates like "\\ud800"; tokenizers do not)."""
+    if not isinstance(value, str):
+        raise SampleError("malformed_record", f"{field} is {type(value).__name__}, not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SampleError("malformed_record", f"{field} is not valid UTF-8 text ({error.reason})") from error
+    return value
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -101,6 +112,7 @@ def encode_conversation(processor, messages: list[dict], images: list, max_lengt
     if count_image_items(messages) != len(images):
         raise SampleError("image_count_mismatch", f"{count_image_items(messages)} placeholders, {len(images)} images")
     text, spans = assistant_spans(processor, messages)
+    check_text(text, "the conversation")
     tokenizer = processor.tokenizer
     encoding = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
@@ -144,7 +156,7 @@ def encode_conversation(processor, messages: list[dict], images: list, max_lengt
 
 def encode_caption(processor, image, caption: str, max_length: int, end_of_chunk: str = "<|endofchunk|>") -> Encoded:
     """`<s><image>{caption}<|endofchunk|><|endoftext|>` for pre-training; loss on the text after the image."""
-    caption = (caption or "").strip()
+    caption = check_text(caption or "", "the caption").strip()
     if not caption:
         raise SampleError("empty_caption")
     tokenizer = processor.tokenizer

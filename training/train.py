@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -32,6 +33,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from aki.commands import add_debug_flag, model_folder, run_command
 from aki_training.config import ModelConfig, TrainConfig, load_config
 from aki_training.data import TrainStream, build_source, sample_encoder, supervised_tokens, tokens_in
 
@@ -104,12 +106,20 @@ def assembly_parts(model: ModelConfig) -> tuple[str | dict, dict]:
     return aki.presets.vision_and_connector(model.preset, **model.overrides)
 
 
+def check_folders(model: ModelConfig) -> None:
+    """Each folder the model config names exists (transformers would read a missing one as a Hub repo id)."""
+    for key in ("pretrained", "language_model", "vision_model"):
+        if getattr(model, key):
+            model_folder(getattr(model, key), f"model.{key}")
+
+
 def build_model(cfg: TrainConfig):
     """(model, processor) from a native checkpoint, a pretrained language model (see `ModelConfig`), or a preset."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import aki
 
+    check_folders(cfg.model)
     policy = "causal" if cfg.stage == "pretrain" else (cfg.model.attention_policy or "mma")
     if cfg.model.pretrained:
         model = AutoModelForImageTextToText.from_pretrained(cfg.model.pretrained, dtype=torch.float32)
@@ -184,6 +194,17 @@ def cosine_with_warmup(step: int, cfg: TrainConfig) -> float:
 # ----------------------------------------------------------------------------- engines
 
 
+def load_weights_only(path: Path, map_location, allowed: list | None = None):
+    """`torch.load` of tensors and plain containers (and the `allowed` classes) only, so a checkpoint
+    from elsewhere cannot run code; anything else is refused naming the file."""
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(f"{path} holds more than tensors; refusing to load it ({reason}).") from None
+
+
 class TorchEngine:
     """Plain PyTorch (DDP with several processes) behind the same few calls as DeepSpeed's engine."""
 
@@ -213,7 +234,7 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def save(self, folder: Path, state: dict):
+    def save(self, folder: Path):
         if not dist.is_initialized() or dist.get_rank() == 0:
             folder.mkdir(parents=True, exist_ok=True)
             trainable = {k: v for k, v in self.module.state_dict().items() if k in self._trainable_names()}
@@ -222,14 +243,13 @@ class TorchEngine:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
             }
-            torch.save({**payload, "state": state}, folder / "engine.pt")
+            torch.save(payload, folder / "engine.pt")
 
-    def load(self, folder: Path) -> dict:
-        payload = torch.load(folder / "engine.pt", map_location=self.device, weights_only=False)
+    def load(self, folder: Path) -> None:
+        payload = load_weights_only(folder / "engine.pt", self.device)
         self.module.load_state_dict(payload["model"], strict=False)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
-        return payload["state"]
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.module.named_parameters() if p.requires_grad}
@@ -268,12 +288,19 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def save(self, folder: Path, state: dict):
-        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state={"state": state})
+    def save(self, folder: Path):
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name)
 
-    def load(self, folder: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
-        return client_state["state"]
+    def load(self, folder: Path) -> None:
+        # DeepSpeed unpickles its files with weights_only=False: each is read weights-only first
+        # (DeepSpeed's own state classes allowed), so a checkpoint from elsewhere runs no code.
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        for path in sorted(folder.glob("*.pt")):
+            load_weights_only(path, "cpu", [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address])
+        self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
 
 
 # ----------------------------------------------------------------------------- training
@@ -292,13 +319,29 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return moved
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of `metrics.jsonl`; a last line cut short by a kill is dropped from the file."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:
+                raise ValueError(f"{path} line {number + 1} is not JSON; remove it and run again.") from None
+            logger.warning("%s: dropping its last line, cut short (%r)", path, line)
+            path.write_text("".join(line + "\n" for line in lines[:-1]))
+    return rows
+
+
 def save_loss_curve(metrics_path: Path, out: Path) -> None:
     from aki.attention_maps import import_pyplot
 
     plt = import_pyplot()
     rows = {}
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(metrics_path):
         rows[record["step"]] = record  # a resumed run rewrites the steps after its checkpoint
     steps = sorted(rows)
     figure, axis = plt.subplots(figsize=(6, 3.5))
@@ -348,6 +391,7 @@ class Progress:
     loss: float = float("nan")
     skipped: Counter = field(default_factory=Counter)  # samples dropped, by reason
     notes: Counter = field(default_factory=Counter)  # samples shortened, by reason
+    supervised_tokens: int = 0  # trained on so far, over all ranks
 
 
 @dataclass
@@ -396,9 +440,15 @@ def resume(run: Run) -> Progress:
     checkpoint = latest_checkpoint(run.output_dir)
     if checkpoint is None:
         return Progress()
-    state = run.engine.load(checkpoint)
+    run.engine.load(checkpoint)
+    state = json.loads((checkpoint / "state.json").read_text())
     logger.info("resumed from %s at step %d", checkpoint, state["step"])
-    return Progress(state["step"], skipped=Counter(state["skipped"]), notes=Counter(state["notes"]))
+    return Progress(
+        state["step"],
+        skipped=Counter(state["skipped"]),
+        notes=Counter(state["notes"]),
+        supervised_tokens=state["supervised_tokens"],
+    )
 
 
 def micro_batches(run: Run, start_step: int):
@@ -446,6 +496,7 @@ def optimiser_step(run: Run, items: list[dict]) -> dict[str, float]:
         "loss": all_sum(local_sum, device) / max(global_targets, 1.0),
         "grad_norm": grad_norm,
         "tokens": all_sum(sum(tokens_in(item["batch"]) for item in items), device),
+        "supervised_tokens": int(global_targets),
     }
 
 
@@ -457,6 +508,7 @@ class MetricsLog:
         if run.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
+            read_metrics(self.path)  # drops a line cut short by a kill, before this run appends
             self.writer = SummaryWriter(str(run.output_dir / "tensorboard"))
         self.bar = tqdm(
             total=run.cfg.max_steps, initial=start_step, disable=not run.is_main, desc=run.cfg.stage, dynamic_ncols=True
@@ -486,15 +538,28 @@ class MetricsLog:
 
 
 def finish(run: Run, progress: Progress) -> TrainResult:
-    """Export the model, and on the main rank the loss curve and the data report."""
+    """The data report, then (unless the run trained on nothing) the export and, on the main rank, the loss curve."""
     skipped, notes = all_counter(progress.skipped, run.device), all_counter(progress.notes, run.device)
+    report = {
+        "step": progress.step,
+        "loss": progress.loss,
+        "supervised_tokens": progress.supervised_tokens,
+        "skipped": dict(skipped),
+        "notes": dict(notes),
+    }
+    report_path = run.output_dir / "data_report.json"
+    if run.is_main:
+        report_path.write_text(json.dumps(report, indent=2))
+    if progress.supervised_tokens == 0:  # an untrained export would look like a result
+        raise RuntimeError(
+            f"The run trained on no sample: every one was skipped (skipped: {dict(skipped) or 'none'}); "
+            f"see {report_path}. Check the data paths, image_root and max_length."
+        )
     export_dir = run.output_dir / "final"
     export(run.engine, run.processor, export_dir, run.cfg, run.is_main)
     result = TrainResult(progress.step, progress.loss, dict(skipped), dict(notes), str(export_dir))
     if run.is_main:
         save_loss_curve(run.output_dir / "metrics.jsonl", run.output_dir / "loss_curve.png")
-        report = {"step": result.step, "loss": result.loss, "skipped": result.skipped, "notes": result.notes}
-        (run.output_dir / "data_report.json").write_text(json.dumps(report, indent=2))
         logger.info("skipped samples: %s", result.skipped or "none")
         logger.info("shortened samples: %s", result.notes or "none")
         logger.info("exported %s; loss curve %s", export_dir, run.output_dir / "loss_curve.png")
@@ -515,6 +580,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             progress.notes.update(item["notes"])
         metrics = optimiser_step(run, items)
         progress.step, progress.loss = progress.step + 1, metrics["loss"]
+        progress.supervised_tokens += metrics["supervised_tokens"]
         log.write(progress.step, metrics, run.engine.optimizer.param_groups[0]["lr"], time.perf_counter() - started)
         step = progress.step
         if (cfg.save_every and step % cfg.save_every == 0) or step in (cfg.max_steps, cfg.stop_after):
@@ -527,11 +593,18 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def save_checkpoint(run: Run, progress: Progress) -> None:
-    """Engine state and progress (sample counts over all ranks) under checkpoints/step_N, then the pointer."""
+    """Engine tensors and progress (counts over all ranks, as JSON) under checkpoints/step_N, then the pointer."""
     skipped, notes = all_counter(progress.skipped, run.device), all_counter(progress.notes, run.device)
     folder = run.output_dir / "checkpoints" / f"step_{progress.step}"
-    run.engine.save(folder, {"step": progress.step, "skipped": dict(skipped), "notes": dict(notes)})
+    run.engine.save(folder)
     if run.is_main:  # the pointer moves only once the checkpoint is complete
+        state = {
+            "step": progress.step,
+            "skipped": dict(skipped),
+            "notes": dict(notes),
+            "supervised_tokens": progress.supervised_tokens,
+        }
+        (folder / "state.json").write_text(json.dumps(state))
         pointer = run.output_dir / "checkpoints" / "latest_step"
         temporary = pointer.with_suffix(".tmp")
         temporary.write_text(folder.name)
@@ -576,10 +649,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="a YAML file under configs/")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, parse_overrides(args.set))
+    run_command(lambda: train_and_close(load_config(args.config, parse_overrides(args.set))), args.debug)
+
+
+def train_and_close(cfg: TrainConfig) -> TrainResult:
     try:
-        train(cfg)
+        return train(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -43,19 +43,20 @@ class Benchmark:
         tried = [str(data_root / name) for name in (*self.tsv_names, *self.hf_dirs)]
         raise BenchmarkDataError(f"No data for {self.name}: looked for {', '.join(tried)}.")
 
-    def load(self, data_root: Path, hf_config: str | None = None) -> list[Record]:
-        """The records, each with an id unique in the benchmark (predictions are keyed by it)."""
+    def load(self, data_root: Path, hf_config: str | None = None, skipped: list[str] | None = None) -> list[Record]:
+        """The records, each with an id unique in the benchmark (predictions are keyed by it); rows that
+        cannot be asked are left out and described in `skipped`."""
         kind, path = self.locate(Path(data_root))
         try:
-            records = self.read(kind, path, hf_config or self.hf_config)
+            records = self.read(kind, path, hf_config or self.hf_config, skipped)
         except KeyError as error:
             raise BenchmarkDataError(f"{path} lacks the column {error} that {self.name} needs.") from error
         refuse_duplicate_ids(records, path)
         return records
 
-    def read(self, kind: str, path: Path, hf_config: str | None) -> list[Record]:
+    def read(self, kind: str, path: Path, hf_config: str | None, skipped: list[str] | None = None) -> list[Record]:
         if kind == "tsv":
-            return [record for row in read_tsv(path) for record in self.from_tsv(row)]
+            return [record for row in read_tsv(path, skipped) for record in self.from_tsv(row)]
         rows = read_hf(path, self.hf_split, hf_config)
         return [record for position, row in enumerate(rows) for record in self.from_hf({"_position": position, **row})]
 

@@ -31,15 +31,15 @@ class CVBench(Benchmark):
             return "tsv-halves", data_root
         return super().locate(data_root)
 
-    def read(self, kind, path, hf_config):
+    def read(self, kind, path, hf_config, skipped=None):
         if kind != "tsv-halves":
-            return super().read(kind, path, hf_config)
+            return super().read(kind, path, hf_config, skipped)
         from ..data import read_tsv
 
         return [
             r
             for name in ("CV-Bench-2D.tsv", "CV-Bench-3D.tsv")
-            for row in read_tsv(path / name)
+            for row in read_tsv(path / name, skipped)
             for r in self.from_tsv(row)
         ]
 
