@@ -59,7 +59,8 @@ def test_duplicate_record_ids_are_refused_at_load(tmp_path):
         {"index": 7, "image": image_b64(1), "question": "Is it blue?", "answer": "No", "category": "random"},
     ]
     write_tsv(tmp_path / "POPE.tsv", rows)
-    with pytest.raises(BenchmarkDataError, match=r"POPE.tsv: the record id '7' occurs twice"):
+    # A TSV is refused by its rows (eval.data.read_tsv); records from hub folders by their ids.
+    with pytest.raises(BenchmarkDataError, match=r"POPE.tsv: index '7' is on rows 1 and 2"):
         get_benchmark("pope").load(tmp_path)
 
 
