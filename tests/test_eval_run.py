@@ -121,7 +121,7 @@ def test_command_line_with_policy_and_limit(tiny_checkpoint, data_root, tmp_path
     assert len(read_predictions(tmp_path / "causal" / "pope" / "predictions.jsonl")) == 2
     printed = capsys.readouterr().out
     assert "AKI-4B (paper, Table 2)" in printed and " POPE " in printed
-    with pytest.raises(ValueError, match="Unknown benchmark 'mmlu'"):
+    with pytest.raises(SystemExit, match="2"):  # one line, exit code 2
         main(
             [
                 "--model",
@@ -134,6 +134,7 @@ def test_command_line_with_policy_and_limit(tiny_checkpoint, data_root, tmp_path
                 str(tmp_path),
             ]
         )
+    assert "Unknown benchmark 'mmlu'" in capsys.readouterr().err
 
 
 class StubJudge(BaseHTTPRequestHandler):
