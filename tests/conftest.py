@@ -5,6 +5,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import save_checkpoint  # noqa: E402
 
 import aki  # noqa: E402,F401
 from aki.presets import build_tiny  # noqa: E402
@@ -31,11 +32,7 @@ def model_and_processor(request, tiny, tiny_llama):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny):
     """The tiny model and processor saved as a native folder."""
-    model, processor = tiny
-    folder = tmp_path_factory.mktemp("tiny_checkpoint")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_checkpoint(*tiny, tmp_path_factory.mktemp("tiny_checkpoint"))
 
 
 @pytest.fixture(scope="session")

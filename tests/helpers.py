@@ -9,6 +9,13 @@ def chat(question, answer=None, num_images=1):
     return messages
 
 
+def save_checkpoint(model, processor, folder):
+    """A model and its processor saved as one native folder; returns the folder."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def encode(processor, messages, images, add_generation_prompt=None):
     if add_generation_prompt is None:
         add_generation_prompt = messages[-1]["role"] == "user"

@@ -28,6 +28,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from helpers import save_checkpoint  # noqa: E402
 from tokenizers.decoders import DecodeStream  # noqa: E402
 
 STARTUP_TIMEOUT_S = 180
@@ -65,11 +66,7 @@ def wait_until_healthy(url: str, process: subprocess.Popen, log_file) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_llama):
-    model, processor = tiny_llama
-    folder = tmp_path_factory.mktemp("tiny_llama_checkpoint")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
+    return str(save_checkpoint(*tiny_llama, tmp_path_factory.mktemp("tiny_llama_checkpoint")))
 
 
 @contextlib.contextmanager
@@ -349,10 +346,7 @@ def test_text_chat_with_the_smollm2_aki_answers_sensibly(tmp_path):
     except RuntimeError as error:
         pytest.skip(f"SmolLM2 unavailable: {error}")
     torch.manual_seed(0)
-    model, processor = from_parts(TINY_VISION, str(language_model), connector_type="mlp")
-    folder = tmp_path / "smollm2_aki"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = save_checkpoint(*from_parts(TINY_VISION, str(language_model), connector_type="mlp"), tmp_path / "aki")
     with running_server(str(folder), tmp_path) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
         reply = client.chat.completions.create(
