@@ -38,8 +38,10 @@ class StreamTo(TextStreamer):
 class Chat:
     """A conversation: each turn re-encodes the whole chat, so every image sees the question of its turn."""
 
-    def __init__(self, model, processor, max_new_tokens: int = 256, output=sys.stdout, system: str | None = None):
-        self.model, self.processor, self.max_new_tokens, self.output = model, processor, max_new_tokens, output
+    def __init__(self, model, processor, max_new_tokens: int = 256, output=None, system: str | None = None):
+        # sys.stdout read now, not at import: a stream redirected after `import aki.cli` still gets the answer.
+        self.output = sys.stdout if output is None else output
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
         self.system = system  # None: the chat template's default system prompt
         self.reset()
 
