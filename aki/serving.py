@@ -40,6 +40,7 @@ from transformers.cli.serving.server import build_server  # noqa: E402
 from transformers.cli.serving.utils import GenerationState, Modality, split_revision  # noqa: E402
 
 from .configuration_aki import AkiConfig  # noqa: E402
+from .processing_aki import load_image  # noqa: E402
 
 REMOTE_IMAGE_TIMEOUT_S = 10.0
 # The part types transformers' chat handler reads as text and as images (Chat Completions and Responses names).
@@ -61,15 +62,15 @@ class RequestError(Exception):
 
 
 def open_image(source, name: str, param: str) -> Image.Image:
-    """A path or a file object -> an RGB image, decoded now so a truncated file fails here."""
+    """A path or a file object -> RGB as the processor reads any image (`load_image`: 16-bit, alpha),
+    decoded now so a truncated file fails here."""
     try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except UnidentifiedImageError as error:  # its message names the file object, not the request's image
-        message = f"{name} is not a readable image: no image format PIL reads."
-        raise RequestError(message, param=param, code="invalid_image") from error
-    except (OSError, Image.DecompressionBombError) as error:
-        raise RequestError(f"{name} is not a readable image: {error}", param=param, code="invalid_image") from error
+        return load_image(source)
+    except ValueError as error:
+        cause = error.__cause__
+        # PIL's own message names the file object, not the request's image.
+        reason = "no image format PIL reads." if isinstance(cause, UnidentifiedImageError) else str(cause or error)
+        raise RequestError(f"{name} is not a readable image: {reason}", param=param, code="invalid_image") from error
 
 
 def read_image(url: str, param: str, allow_remote: bool) -> Image.Image:
