@@ -18,9 +18,10 @@ from .commands import add_debug_flag, model_folder, run_command
 def load(model_dir: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import aki  # noqa: F401  (registers the Auto classes)
+    import aki  # registers the Auto classes
 
     model = AutoModelForImageTextToText.from_pretrained(model_folder(model_dir)).eval()
+    model.set_attn_implementation(aki.split_attention.default_attn_implementation(model.device))
     return model, AutoProcessor.from_pretrained(model_dir)
 
 

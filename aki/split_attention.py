@@ -584,3 +584,15 @@ def split_attention_forward(
 
 
 AttentionInterface.register(SPLIT_ATTENTION, split_attention_forward)
+
+
+def default_attn_implementation(device: torch.device | str) -> str:
+    """The attention the project's tools (training, evaluation, `aki chat`) run when none is named.
+
+    On the CPU, `aki_split`: exact, and with PyTorch's CPU flash kernel MMA costs what causal
+    attention costs (benchmarks/README.md), where sdpa with MMA's boolean mask costs 1.4-1.8x.
+    Elsewhere sdpa: the CUDA split path has not been timed on a GPU yet. Models loaded with
+    `from_pretrained` keep transformers' default (sdpa), which also serves static caches, prepared
+    4D masks and attention weights; `aki_split` refuses those.
+    """
+    return SPLIT_ATTENTION if torch.device(device).type == "cpu" else "sdpa"

@@ -137,11 +137,12 @@ class Predictor:
         self.max_new_tokens = max_new_tokens  # None: each benchmark's own (VLMEvalKit's)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        import aki  # noqa: F401  (registers the Auto classes)
+        import aki  # registers the Auto classes
 
         model_dir = model_folder(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.set_attn_implementation(aki.split_attention.default_attn_implementation(self.device))
         self.model.eval()
         if policy:
             self.model.config.attention_policy = policy

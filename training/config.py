@@ -30,7 +30,9 @@ class ModelConfig:
     vision_model: str | None = None  # a SigLIP folder
     language_model: str | None = None  # a causal LM folder (Phi-3, Llama, Qwen2, ...)
     attention_policy: AttentionPolicy | None = None  # overrides the checkpoint's; pretrain forces "causal"
-    attn_implementation: str = "sdpa"  # eager | sdpa | flex_attention | aki_split (FlashAttention-2 on CUDA)
+    # auto: aki_split on the CPU, sdpa elsewhere (aki.split_attention.default_attn_implementation);
+    # or eager | sdpa | flex_attention | aki_split (FlashAttention-2 on CUDA)
+    attn_implementation: str = "auto"
     trainable: str = "connector+llm"  # connector | vision+connector | connector+llm | all | lora
     lora_rank: int = 16
     lora_alpha: int = 32

@@ -113,8 +113,9 @@ def check_folders(model: ModelConfig) -> None:
             model_folder(getattr(model, key), f"model.{key}")
 
 
-def build_model(cfg: TrainConfig):
-    """(model, processor) from a native checkpoint, a pretrained language model (see `ModelConfig`), or a preset."""
+def build_model(cfg: TrainConfig, device: torch.device = torch.device("cpu")):
+    """(model, processor) from a native checkpoint, a pretrained language model (see `ModelConfig`), or a preset,
+    with the attention the config names ("auto": the default for `device`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import aki
@@ -139,7 +140,10 @@ def build_model(cfg: TrainConfig):
         model, processor = aki.presets.build_tiny(cfg.model.preset, seed=cfg.seed, **overrides)
     else:
         raise ValueError("model needs `pretrained`, `language_model` (with `vision_model` or a preset's), or `preset`.")
-    model.set_attn_implementation(cfg.model.attn_implementation)
+    implementation = cfg.model.attn_implementation
+    if implementation == "auto":
+        implementation = aki.split_attention.default_attn_implementation(device)
+    model.set_attn_implementation(implementation)
     return model, processor
 
 
@@ -237,7 +241,8 @@ class TorchEngine:
     def save(self, folder: Path):
         if not dist.is_initialized() or dist.get_rank() == 0:
             folder.mkdir(parents=True, exist_ok=True)
-            trainable = {k: v for k, v in self.module.state_dict().items() if k in self._trainable_names()}
+            names = self._trainable_names()
+            trainable = {k: v for k, v in self.module.state_dict().items() if k in names}
             payload = {
                 "model": trainable,
                 "optimizer": self.optimizer.state_dict(),
@@ -416,7 +421,7 @@ def set_up(cfg: TrainConfig) -> Run:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     torch.manual_seed(cfg.seed)
-    model, processor = build_model(cfg)
+    model, processor = build_model(cfg, device)
     model = set_trainable(model, cfg).to(device)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
