@@ -1,6 +1,6 @@
 """The `aki` model for lmms-eval, registered through its `lmms_eval.models` entry point.
 
-    pip install "aki[lmms-eval]"
+    pip install "aki[lmms-eval]"    # with a CPU-only torch, as lmms-eval-cpu.txt says
     lmms-eval --model aki --model_args pretrained=DIR[,policy=mma,dtype=bfloat16] --tasks mme,pope --batch_size 8
     accelerate launch --num_processes 8 -m lmms_eval --model aki --model_args pretrained=DIR --tasks mme,pope
 
