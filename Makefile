@@ -10,10 +10,14 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: demo test lint clean smollm2
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt lmms-eval-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo,train,lora,serve]"
+# lmms-eval for tests/test_lmms_eval.py, without its own requirements (PyPI's torchvision breaks the CPU torch's
+# transformers; see lmms-eval-cpu.txt). pip then reports the requirements it lacks; the tests use none of them.
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps "lmms-eval==0.7.3"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r lmms-eval-cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -86,20 +86,20 @@ def check_base64_image(data: str) -> None:
         raise ValueError(f"its image cell is not a base64 image ({error or type(error).__name__})") from error
 
 
-def refuse_duplicate_indices(indices: list[str], where: str) -> None:
-    """Predictions are stored by index, so two questions with one index would share one answer:
-    raise a `BenchmarkDataError` naming each repeated index and its rows (counted from 1)."""
-    rows: dict[str, list[int]] = {}
-    for row, index in enumerate(indices, 1):
-        rows.setdefault(index, []).append(row)
-    repeated = [(index, numbers) for index, numbers in rows.items() if len(numbers) > 1]
+def refuse_duplicates(keys: list[str], where: str, key: str = "index", place: str = "row") -> None:
+    """Predictions are stored by index (a TSV row's, a record's id), so two questions with one would share
+    one answer: raise a `BenchmarkDataError` naming each repeated key and where it is (counted from 1)."""
+    places: dict[str, list[int]] = {}
+    for number, value in enumerate(keys, 1):
+        places.setdefault(value, []).append(number)
+    repeated = [(value, numbers) for value, numbers in places.items() if len(numbers) > 1]
     if repeated:
         described = "; ".join(
-            f"index {index!r} is on rows {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
-            for index, numbers in repeated[:5]
+            f"{key} {value!r} is on {place}s {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
+            for value, numbers in repeated[:5]
         )
         more = f" (and {len(repeated) - 5} more)" if len(repeated) > 5 else ""
-        raise BenchmarkDataError(f"{where}: {described}{more}. Give each question its own index.")
+        raise BenchmarkDataError(f"{where}: {described}{more}. Give each question its own {key}.")
 
 
 def read_tsv(path: Path, skipped: list[str] | None = None) -> list[dict[str, str]]:
@@ -114,7 +114,7 @@ def read_tsv(path: Path, skipped: list[str] | None = None) -> list[dict[str, str
         raise BenchmarkDataError(f"{path} holds no rows.")
     if "index" not in rows[0]:
         raise BenchmarkDataError(f"{path} has no 'index' column; columns: {sorted(rows[0])}.")
-    refuse_duplicate_indices([row["index"] for row in rows], str(path))
+    refuse_duplicates([row["index"] for row in rows], str(path))
     by_index = {row["index"]: row for row in rows}
 
     def loaders(cell: str) -> list:
@@ -169,17 +169,6 @@ def read_hf(path: Path, split: str | None = None, config: str | None = None) -> 
             raise BenchmarkDataError(f"{path} has no split {split!r}; splits: {sorted(dataset)}.")
         dataset = dataset[split]
     return list(dataset)
-
-
-def refuse_duplicate_ids(records: list[Record], path: Path) -> None:
-    """Predictions are keyed by record id: two records with one id would overwrite each other's."""
-    seen = set()
-    for record in records:
-        if record.index in seen:
-            raise BenchmarkDataError(
-                f"{path}: the record id {record.index!r} occurs twice; ids must be unique within a benchmark."
-            )
-        seen.add(record.index)
 
 
 def options_of(row: dict, letters: str = "ABCDEFGHI") -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The `aki` model for lmms-eval, registered through its `lmms_eval.models` entry point.
 
-    pip install "aki[lmms-eval]"
+    pip install "aki[lmms-eval]"    # with a CPU-only torch, as lmms-eval-cpu.txt says
     lmms-eval --model aki --model_args pretrained=DIR[,policy=mma,dtype=bfloat16] --tasks mme,pope --batch_size 8
     accelerate launch --num_processes 8 -m lmms_eval --model aki --model_args pretrained=DIR --tasks mme,pope
 
@@ -8,7 +8,8 @@
 be given twice). `auto` and `auto:N` take AUTO_BATCH_SIZE: the adapter does not probe memory.
 Greedy unless `--gen_kwargs` sets `temperature` > 0 or `do_sample=True` (then `top_p` applies too); other
 generation settings are ignored, with one warning. Under `accelerate launch` or `torchrun`, each process
-takes its GPU (LOCAL_RANK) and reports its rank and world size, so lmms-eval gives it its share of questions.
+takes its GPU (LOCAL_RANK) and its rank and world size; lmms-eval (0.7.3 from RANK and WORLD_SIZE itself)
+gives it its share of questions.
 
 A "simple" lmms-eval model: each request brings its text and the document's images; the first
 image goes before the text as `<image>` (as AKI's VLMEvalKit wrapper does), later images are dropped.

@@ -64,6 +64,15 @@ def test_duplicate_record_ids_are_refused_at_load(tmp_path):
         get_benchmark("pope").load(tmp_path)
 
 
+def test_duplicate_record_ids_in_a_hub_folder_are_refused_naming_the_records(tmp_path):
+    save_to_disk(tmp_path / "POPE", "test", {
+        "question_id": ["1", "2", "1"], "question": ["Is there a cat?"] * 3, "answer": ["yes", "no", "no"],
+        "image_source": ["x"] * 3, "image": pictures(3), "category": ["random"] * 3,
+    })  # fmt: skip
+    with pytest.raises(BenchmarkDataError, match=r"POPE: record id 'random-1' is on records 1 and 3\. Give each"):
+        get_benchmark("pope").load(tmp_path)
+
+
 def mmbench_rows(language: str, n: int = 2) -> dict:
     return {
         "index": list(range(n)), "question": [f"{language}: which colour?"] * n, "hint": [None] * n,

@@ -1,17 +1,11 @@
-"""`python -m aki_eval.run` end to end with a tiny model; resume; the judge client; the lmms-eval adapter."""
+"""`python -m aki_eval.run` end to end with a tiny model; resume; the judge client."""
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
-import torch
 from eval_fixtures import image_b64, write_tsv
-from lmms_eval_stand_in import Instance, ModelManifest, install
 from test_eval_benchmarks import circular_rows, mme_rows
 
 from aki_eval.benchmarks import NEEDS_JUDGE, get_benchmark
@@ -236,74 +230,3 @@ def test_judged_benchmarks_with_the_stub(judge_server, tmp_path):
     # 0 and 2 prefetch; 1 is extracted by the judge ("14"); 3 is a text answer, never right in the toolkit.
     assert len(StubJudge.seen) - asked_before == 2
     assert score.columns == {"MathV": 75.0} and score.metrics["Overall"]["prefetch_rate"] == 50.0
-
-
-def test_lmms_eval_adapter_with_a_stand_in_lmms_eval(tiny_checkpoint, images, monkeypatch, caplog):
-    """lmms-eval pulls a CUDA torch, so the adapter runs here against a stand-in of its base class."""
-    for name, module in install({}).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.delitem(sys.modules, "aki_eval.lmms_eval_adapter", raising=False)
-    from aki_eval import lmms_eval_adapter
-
-    assert lmms_eval_adapter.manifest() == ModelManifest("aki", "aki_eval.lmms_eval_adapter.AkiLmms")
-    assert [lmms_eval_adapter.batch_size_of(v) for v in (2, "2", "auto", "auto:4")] == [2, 2, 8, 8]
-    with pytest.raises(ValueError, match="batch_size must be an integer, 'auto' or 'auto:N'; got 'big'"):
-        lmms_eval_adapter.batch_size_of("big")
-    model = lmms_eval_adapter.AkiLmms(pretrained=str(tiny_checkpoint), batch_size="auto:2")
-    assert (model.rank, model.world_size, model.batch_size) == (0, 1, 8)
-    docs = {0: {"image": images[0]}, 1: {"image": images[1]}, 2: {"image": None}}
-    model.task_dict = {"pope": {"test": docs}}
-
-    def visual(doc):
-        return [doc["image"]]
-
-    requests = [
-        Instance((f"Question {i}?", {"max_new_tokens": 4, "until": ["\n\n"]}, visual, i, "pope", "test"))
-        for i in range(3)
-    ]
-    answers = model.generate_until(requests)
-    assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
-    model.batch_size = 2
-    alone = model.generate_until(requests[1:2])
-    assert alone[0] == answers[1]  # batching does not change an answer
-
-    # temperature > 0 samples (seeded runs repeat); unknown settings are ignored with one warning.
-    sampled = {"max_new_tokens": 6, "temperature": 5.0, "top_p": 1.0, "num_beams": 3, "length_penalty": 2}
-    requests = [Instance((f"Question {i}?", sampled, visual, i, "pope", "test")) for i in range(2)]
-    with caplog.at_level("WARNING", logger="aki.eval.lmms"):
-        torch.manual_seed(0)
-        first = model.generate_until(requests)
-        torch.manual_seed(0)
-        again = model.generate_until(requests)
-    assert first == again
-    torch.manual_seed(1)
-    assert model.generate_until(requests) != first  # sampled, not greedy
-    warnings = [r.message for r in caplog.records if "ignores" in r.message]
-    assert warnings == ["aki ignores the generation settings ['length_penalty', 'num_beams'] (it honours "
-                        "['do_sample', 'max_new_tokens', 'temperature', 'top_p', 'until'])."]  # fmt: skip
-    assert lmms_eval_adapter.sampling_of({"temperature": 0}) == {"do_sample": False}
-    assert lmms_eval_adapter.sampling_of({"do_sample": True}) == {"do_sample": True, "temperature": 1.0}
-
-
-def test_lmms_eval_adapter_shards_across_two_processes(tiny_checkpoint, tmp_path):
-    """Under torchrun (as under accelerate launch) each process reports its rank, so lmms-eval hands it its
-    share; the two shards together answer exactly what one process answers."""
-    worker = Path(__file__).parent / "lmms_eval_stand_in.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}  # accelerate's multi-CPU mode
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    for folder, launcher in (
-        ("one", [sys.executable]),
-        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
-    ):
-        (tmp_path / folder).mkdir()
-        done = subprocess.run(
-            [*launcher, str(worker), str(tiny_checkpoint), str(tmp_path / folder), "5"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
-    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
-    assert [sorted(r["answers"]) for r in ranks] == [["0", "2", "4"], ["1", "3"]]
-    assert {**ranks[0]["answers"], **ranks[1]["answers"]} == one["answers"]

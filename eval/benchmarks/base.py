@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import BenchmarkDataError, Record, as_read_back, read_hf, read_tsv, refuse_duplicate_ids
+from ..data import BenchmarkDataError, Record, as_read_back, read_hf, read_tsv, refuse_duplicates
 
 NEEDS_JUDGE = "needs judge"
 
@@ -51,7 +51,8 @@ class Benchmark:
             records = self.read(kind, path, hf_config or self.hf_config, skipped)
         except KeyError as error:
             raise BenchmarkDataError(f"{path} lacks the column {error} that {self.name} needs.") from error
-        refuse_duplicate_ids(records, path)
+        # A TSV's indices were checked as its rows were read; a hub folder's ids (with split or source) are here.
+        refuse_duplicates([record.index for record in records], str(path), key="record id", place="record")
         return records
 
     def read(self, kind: str, path: Path, hf_config: str | None, skipped: list[str] | None = None) -> list[Record]:
