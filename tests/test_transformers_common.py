@@ -6,9 +6,10 @@ copied here. Both tiny presets run: `tiny` (Phi-3, Perceiver) and `tiny-llama` (
 connector, three-token assistant header). Every input holds an image with a closed question
 window, so MMA is active in every forward.
 
-GenerationTesterMixin is not run: its file, `tests/generation/test_utils.py`, is in no transformers
-sdist on PyPI (see `transformers_suite`). Generation conformance (assisted and prompt-lookup
-decoding, `inputs_embeds`, static cache, beam search against greedy) is tested in test_modeling.py.
+GenerationTesterMixin is not run (blocked): its file, `tests/generation/test_utils.py`, is in no
+transformers sdist on PyPI, from 4.10 to 5.24, nor in any other registry package (the releases
+checked are listed in `transformers_suite`). Generation conformance (assisted and prompt-lookup
+decoding, `inputs_embeds`, static cache, beam search against greedy) is tested in test_modeling_aki.py.
 
 Result with transformers 5.24.0, both presets (324 tests): 231 passed, 93 skipped, 0 failed, in
 24 minutes on 2 busy shared CPU cores (the four `test_bc_cache_name_forward` subtests failed in
@@ -66,7 +67,7 @@ SKIPS = {
     "test_torch_compile_for_training": "needs a CUDA GPU",
     # Documented design choices.
     "test_generation_tester_mixin_inheritance": (
-        "GenerationTesterMixin is a stand-in: tests/generation/ is in no transformers sdist on PyPI"
+        "GenerationTesterMixin is a stand-in: no transformers sdist on PyPI (4.10 to 5.24) ships tests/generation/"
     ),
     "test_torch_export": "MMA's mask looks at the data (which chunk holds an image with a question): not exportable",
     "test_model_rope_scaling_from_config": (
