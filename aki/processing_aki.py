@@ -9,6 +9,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import ProcessorMixin
 from transformers.image_utils import PILImageResampling
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.processing_utils import MultiModalData
 
 AKI_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -188,6 +189,15 @@ class AkiProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per image of the given (height, width) sizes, as in-tree VLMs report them
+        to serving engines (vLLM): every image is resized to one square, so `num_image_tokens` each."""
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
 
     def question_inputs(self, image, question: str):
         """Tensors for one user turn, an image and a question, ending in the assistant header."""

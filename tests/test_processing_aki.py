@@ -34,6 +34,18 @@ def test_processor_expands_images_and_prepends_bos(tiny, images):
     assert inputs["pixel_values"].min() >= -1 and inputs["pixel_values"].max() <= 1
 
 
+def test_placeholder_count_for_serving_engines_matches_the_processor(tiny, images):
+    # `_get_num_multimodal_tokens` is how vLLM sizes an image's placeholders without running the processor.
+    model, processor = tiny
+    sizes = [image.size[::-1] for image in images]
+    counted = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    inputs = encode(processor, chat("What is this?", num_images=2), images)
+    placeholders = (inputs["input_ids"][0] == model.config.image_token_id).sum().item()
+    assert counted.num_image_tokens == [model.config.num_image_tokens] * 2
+    assert sum(counted.num_image_tokens) == placeholders
+    assert counted.num_image_patches == [1, 1]
+
+
 def test_default_image_processor_is_the_aki_4b_one():
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     pixel_values = AkiImageProcessor()(image, return_tensors="pt")["pixel_values"][0]
