@@ -1,11 +1,13 @@
 """The split path ("aki_split": causal pass + rectangle pass merged by log-sum-exp) against sdpa."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import chat, encode, packed_caption_and_chat
 from test_masking import IMG, LLAMA_MARKER, PAD, PHI_MARKER, random_batch, reference_mask
-from transformers import DynamicCache, StaticCache
+from transformers import AutoModelForImageTextToText, DynamicCache, StaticCache
 
 from aki import AkiForConditionalGeneration
 from aki.masking import dense_attention_mask, mma_mask_function, mma_window_ids
@@ -16,10 +18,12 @@ from aki.split_attention import (
     FlashKernel,
     ReferenceKernel,
     Segments,
+    default_attn_implementation,
     split_attention_forward,
     split_layout,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 SPLIT = {"text_config": SPLIT_ATTENTION, "vision_config": "sdpa", "": "sdpa"}
 QUESTION = "What colour is the shape?"
 cuda = pytest.mark.skipif(
@@ -395,6 +399,30 @@ def test_refusals_name_the_problem(tiny, images):
         attention.attention_dropout = 0.0
         model.eval()
         model.set_attn_implementation("sdpa")
+
+
+def test_the_tools_run_the_split_path_on_the_cpu(tiny_checkpoint):
+    """Training ("auto"), aki-eval and aki chat pick aki_split on the CPU; from_pretrained keeps sdpa."""
+    from aki.cli import load
+    from aki_eval.run import Predictor
+    from aki_training.config import load_config
+    from aki_training.train import build_model
+
+    assert default_attn_implementation("cpu") == SPLIT_ATTENTION
+    assert default_attn_implementation(torch.device("cuda", 0)) == "sdpa"
+    cfg = load_config(ROOT / "configs" / "tiny_sft.yaml", {"model.pretrained": str(tiny_checkpoint)})
+    models = {
+        "training": build_model(cfg)[0],
+        "aki-eval": Predictor(str(tiny_checkpoint)).model,
+        "aki chat": load(str(tiny_checkpoint))[0],
+        "from_pretrained": AutoModelForImageTextToText.from_pretrained(tiny_checkpoint),
+    }
+    implementations = {name: model.config.text_config._attn_implementation for name, model in models.items()}
+    assert implementations == {"training": SPLIT_ATTENTION, "aki-eval": SPLIT_ATTENTION, "aki chat": SPLIT_ATTENTION,
+                               "from_pretrained": "sdpa"}  # fmt: skip
+    sdpa = load_config(ROOT / "configs" / "tiny_sft.yaml", {"model.pretrained": str(tiny_checkpoint),
+                                                            "model.attn_implementation": "sdpa"})  # fmt: skip
+    assert build_model(sdpa)[0].config.text_config._attn_implementation == "sdpa"
 
 
 def test_flash_kernel_calls_match_torch_shape_rules():

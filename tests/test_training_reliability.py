@@ -144,6 +144,7 @@ def test_a_cut_metrics_line_does_not_break_later_runs(tmp_path):
     [
         ("max_steps", "abc", "max_steps.*integer.*'abc'"),
         ("optim.lr", "fast", "optim.lr.*number.*'fast'"),
+        ("optim.lr", "5e-3", r"optim.lr.*number.*'5e-3'.*write 5\.0e-03"),  # YAML 1.1 reads 5e-3 as text
         ("micro_batch_size", 2.5, "micro_batch_size.*integer.*2.5"),
         ("packing", "yes", "packing.*true or false"),
         ("model.pretrained", 3, "model.pretrained.*string"),

@@ -168,7 +168,7 @@ def test_packed_batches_give_the_same_losses_as_padded_ones(tmp_path):
 @pytest.mark.parametrize("packing", [False, True])
 def test_the_split_attention_path_trains_on_the_same_losses(tmp_path, packing):
     common = {"model.pretrained": None, "model.preset": "tiny", "max_steps": 3, "save_every": 0, "packing": packing}
-    _, sdpa = run("tiny_sft.yaml", tmp_path, "sdpa", **common)
+    _, sdpa = run("tiny_sft.yaml", tmp_path, "sdpa", **{"model.attn_implementation": "sdpa"}, **common)
     _, split = run("tiny_sft.yaml", tmp_path, "split", **{"model.attn_implementation": "aki_split"}, **common)
     expected, actual = losses(sdpa), losses(split)
     for step in expected:

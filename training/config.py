@@ -100,6 +100,14 @@ class TrainConfig:
 POSITIVE = {"max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_length", "pad_to_multiple_of", "size"}
 
 
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def checked(value, annotation, key: str):
     """`value` as the field's type wants it (an int is a fine float, a list a fine tuple); else a
     ValueError naming `key`. YAML gives the types, so nothing is parsed from strings here."""
@@ -130,7 +138,10 @@ def checked(value, annotation, key: str):
     if annotation in expected:
         wanted, accepts = expected[annotation]
         if not accepts(value):
-            raise ValueError(f"{key} must be {wanted}, got {value!r} ({type(value).__name__}).")
+            hint = ""
+            if annotation is float and isinstance(value, str) and is_number(value):
+                hint = f" YAML reads exponents without a dot as text: write {float(value):.1e}."
+            raise ValueError(f"{key} must be {wanted}, got {value!r} ({type(value).__name__}).{hint}")
         if key.rsplit(".", 1)[-1] in POSITIVE and value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}.")
         return float(value) if annotation is float else value
