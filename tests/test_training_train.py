@@ -156,6 +156,24 @@ def test_lora_with_gradient_checkpointing_exports_a_merged_model(tmp_path):
     )
 
 
+def test_the_new_parts_learn_at_their_own_rate(tmp_path):
+    """optim.new_parts_lr: the connector and vision tower move at that rate, the language model at optim.lr."""
+    from aki.presets import build_tiny
+
+    base = build_tiny("tiny", seed=42)[0].state_dict()
+    rates = {"optim.lr": 1e-9, "optim.min_lr": 1e-10, "optim.warmup_steps": 0, "optim.new_parts_lr": 1e-2}
+    _, folder = run(
+        "tiny_pretrain.yaml", tmp_path, "grouped", max_steps=2, save_every=0, **{"model.trainable": "all"}, **rates
+    )
+    state = AutoModelForImageTextToText.from_pretrained(folder / "final").state_dict()
+    moved = {name: float((state[name] - base[name]).abs().max()) for name in base}
+    connector = [name for name in moved if ".connector." in name and name.endswith("weight")]
+    assert connector and min(moved[name] for name in connector) > 1e-3
+    assert moved["model.vision_tower.embeddings.patch_embedding.weight"] > 1e-3
+    language = [name for name in moved if ".language_model." in name]
+    assert language and max(moved[name] for name in language) < 1e-6
+
+
 def test_packed_batches_give_the_same_losses_as_padded_ones(tmp_path):
     common = {"model.pretrained": None, "model.preset": "tiny", "max_steps": 3, "save_every": 0, "max_length": 400}
     _, padded = run("tiny_sft.yaml", tmp_path, "padded", **common)

@@ -57,7 +57,10 @@ class DataSource:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5  # the cosine's floor; with new_parts_lr, those groups end at the same fraction
+    # The connector's and vision tower's rate, when it should differ from the language model's (a
+    # fresh connector learns at about 1e-3 while a pretrained LM is tuned at about 2e-5). None: lr.
+    new_parts_lr: float | None = None
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0

@@ -113,7 +113,7 @@ def check_folders(model: ModelConfig) -> None:
             model_folder(getattr(model, key), f"model.{key}")
 
 
-def build_model(cfg: TrainConfig, device: torch.device = torch.device("cpu")):
+def build_model(cfg: TrainConfig, device: torch.device | str = "cpu"):
     """(model, processor) from a native checkpoint, a pretrained language model (see `ModelConfig`), or a preset,
     with the attention the config names ("auto": the default for `device`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -174,15 +174,27 @@ def set_trainable(model, cfg: TrainConfig):
     return model
 
 
-def parameter_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on embeddings, norms, biases and the Perceiver latents."""
-    decay, no_decay = [], []
+def parameter_groups(model, weight_decay: float, new_parts_lr: float | None = None) -> list[dict]:
+    """AdamW groups: no weight decay on embeddings, norms, biases and the Perceiver latents. With
+    `new_parts_lr`, the connector and vision tower get groups of their own at that rate (the language
+    model's groups keep `optim.lr`); the schedule scales every group alike."""
+    groups = {(new, plain): [] for new in (False, True) for plain in (False, True)}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         plain = parameter.ndim < 2 or "embed" in name or "norm" in name or name.endswith("latents")
-        (no_decay if plain else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        new = new_parts_lr is not None and (".connector." in name or ".vision_tower." in name)
+        groups[new, plain].append(parameter)
+    own_rate = {"lr": new_parts_lr} if new_parts_lr is not None else {}
+    return [
+        {"params": groups[False, False], "weight_decay": weight_decay},
+        {"params": groups[False, True], "weight_decay": 0.0},
+        *(
+            [{"params": groups[True, False], "weight_decay": weight_decay, **own_rate},
+             {"params": groups[True, True], "weight_decay": 0.0, **own_rate}]
+            if new_parts_lr is not None else []
+        ),
+    ]  # fmt: skip
 
 
 def cosine_with_warmup(step: int, cfg: TrainConfig) -> float:
@@ -428,7 +440,7 @@ def set_up(cfg: TrainConfig) -> Run:
     logger.info("%s: %.2fM trainable parameters, world size %d, %s", cfg.stage, trainable / 1e6, world_size, device)
 
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
+        parameter_groups(model, cfg.optim.weight_decay, cfg.optim.new_parts_lr), lr=cfg.optim.lr, betas=cfg.optim.betas
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, cfg))
     if cfg.deepspeed:
