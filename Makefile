@@ -1,5 +1,5 @@
 # The two commands of the README. Both create .venv and install on first use.
-# make demo: the paper's Table 1 in miniature (about 6 minutes on 2 CPU cores), see demo/run.py.
+# make demo: the paper's Table 1 in miniature (about 8 minutes on 2 CPU cores), see demo/run.py.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
