@@ -593,6 +593,6 @@ def default_attn_implementation(device: torch.device | str) -> str:
     attention costs (benchmarks/README.md), where sdpa with MMA's boolean mask costs 1.4-1.8x.
     Elsewhere sdpa: the CUDA split path has not been timed on a GPU yet. Models loaded with
     `from_pretrained` keep transformers' default (sdpa), which also serves static caches, prepared
-    4D masks and attention weights; `aki_split` refuses those.
+    4D masks and attention weights; `aki_split` does not.
     """
     return SPLIT_ATTENTION if torch.device(device).type == "cpu" else "sdpa"

@@ -178,23 +178,16 @@ def parameter_groups(model, weight_decay: float, new_parts_lr: float | None = No
     """AdamW groups: no weight decay on embeddings, norms, biases and the Perceiver latents. With
     `new_parts_lr`, the connector and vision tower get groups of their own at that rate (the language
     model's groups keep `optim.lr`); the schedule scales every group alike."""
-    groups = {(new, plain): [] for new in (False, True) for plain in (False, True)}
+    groups = [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}]
+    if new_parts_lr is not None:
+        groups += [{**group, "params": [], "lr": new_parts_lr} for group in groups]
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         plain = parameter.ndim < 2 or "embed" in name or "norm" in name or name.endswith("latents")
         new = new_parts_lr is not None and (".connector." in name or ".vision_tower." in name)
-        groups[new, plain].append(parameter)
-    own_rate = {"lr": new_parts_lr} if new_parts_lr is not None else {}
-    return [
-        {"params": groups[False, False], "weight_decay": weight_decay},
-        {"params": groups[False, True], "weight_decay": 0.0},
-        *(
-            [{"params": groups[True, False], "weight_decay": weight_decay, **own_rate},
-             {"params": groups[True, True], "weight_decay": 0.0, **own_rate}]
-            if new_parts_lr is not None else []
-        ),
-    ]  # fmt: skip
+        groups[2 * new + plain]["params"].append(parameter)
+    return groups
 
 
 def cosine_with_warmup(step: int, cfg: TrainConfig) -> float:
