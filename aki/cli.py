@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument(
         "--api-key",
         default=os.environ.get("AKI_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $AKI_API_KEY; none: open)",
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $AKI_API_KEY; none: open)",
     )
     for sub in (chat_parser, attention_parser, serve_parser):
         add_debug_flag(sub)

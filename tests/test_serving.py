@@ -14,6 +14,7 @@ import copy
 import http.server
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -75,13 +76,13 @@ def checkpoint(tmp_path_factory, tiny_llama):
 
 
 @contextlib.contextmanager
-def running_server(folder: str, log_dir, *flags: str):
+def running_server(folder: str, log_dir, *flags: str, env: dict | None = None):
     """The base URL of `aki serve --model <folder> <flags>` on a free port of 127.0.0.1, stopped on exit."""
     port = free_port()
     log_file = log_dir / "server.log"
     command = [sys.executable, "-m", "aki.cli", "serve", "--model", folder, "--port", str(port), *flags]
     with open(log_file, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, process, log_file)
@@ -124,9 +125,10 @@ def open_server(checkpoint, media_dir, tmp_path_factory):
     flags = (
         *("--allowed-local-media-path", str(media_dir), "--allow-remote-images"),
         *("--max-image-bytes", str(MAX_IMAGE_BYTES), "--max-image-pixels", str(MAX_IMAGE_PIXELS)),
-        *("--api-key", API_KEY),
     )
-    with running_server(checkpoint, tmp_path_factory.mktemp("serve_open"), *flags) as url:
+    # The key as the README advises, from the environment (`--api-key KEY` sets the same field).
+    folder = tmp_path_factory.mktemp("serve_open")
+    with running_server(checkpoint, folder, *flags, env={"AKI_API_KEY": API_KEY}) as url:
         yield url
 
 
