@@ -11,8 +11,8 @@ The sdist ships `tests/test_*_common.py` but not the folders they import from:
 
 GenerationTesterMixin cannot be run from any release: no transformers sdist on PyPI ships
 `tests/generation/`. Checked: 4.10.3, 4.20.1 and 4.25.1 (no `tests/` at all), 4.28.1, 4.30.2,
-4.36.2, 4.40.2, 4.44.2, 4.48.3, 4.51.3, 4.53.3, 4.56.2, 4.57.6, 5.0.0, 5.20.2, 5.22.2, 5.23.0 and
-5.24.0, 5.25.0 (only top-level `tests/test_*.py`, never a subfolder). Nor does another package found: the
+4.36.2, 4.40.2, 4.44.2, 4.48.3, 4.51.3, 4.53.3, 4.56.2, 4.57.6, 5.0.0, 5.20.2, 5.22.2, 5.23.0,
+5.24.0 and 5.25.0 (only top-level `tests/test_*.py`, never a subfolder). Nor does another package found: the
 fork adapter-transformers ships no tests, and Debian packages no transformers. Its stand-in is an
 empty mixin, and the peer suite lists the test that notices among its skips.
 """
