@@ -45,7 +45,7 @@ class Shapes(Benchmark):
             )
         return records
 
-    def score(self, records, predictions, judge=None) -> Score:
+    def score_read_back(self, records, predictions, judge=None) -> Score:
         def normalise(text: str) -> str:
             return text.strip().rstrip(".").lower()
 

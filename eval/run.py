@@ -310,7 +310,7 @@ def evaluate(
         ranks.barrier()  # every rank's predictions are on disk
         if ranks.rank != 0:
             continue
-        predictions = benchmark.read_back(merge_predictions(output / benchmark.name))
+        predictions = merge_predictions(output / benchmark.name)
         score = score_without_a_failed_judge(benchmark, records, predictions, judge)
         if skipped:
             score.metrics["skipped_rows"] = skipped

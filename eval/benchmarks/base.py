@@ -75,6 +75,11 @@ class Benchmark:
         ]
 
     def score(self, records: list[Record], predictions: dict[str, str], judge=None) -> Score:
+        """The score of `predictions` (the model's texts by record index, as it wrote them), read as the
+        reference scoring code read them (`read_back`); each benchmark scores in `score_read_back`."""
+        return self.score_read_back(records, self.read_back(predictions), judge)
+
+    def score_read_back(self, records: list[Record], predictions: dict[str, str], judge=None) -> Score:
         raise NotImplementedError
 
     def read_back(self, predictions: dict[str, str]) -> dict[str, str]:

@@ -69,7 +69,7 @@ class LLaVABench(Benchmark):
             )
         ]
 
-    def score(self, records, predictions, judge=None) -> Score:
+    def score_read_back(self, records, predictions, judge=None) -> Score:
         if judge is None:
             return Score(columns=dict.fromkeys(self.columns, NEEDS_JUDGE), notes=["no judge configured"])
         pairs = defaultdict(list)

@@ -7,7 +7,7 @@ float(), and text or list answers never count (a bug of the toolkit that the pap
 import ast
 from collections import defaultdict
 
-from ..data import Record, is_missing
+from ..data import Record, as_read_back, is_missing
 from ..extract import can_infer
 from .base import NEEDS_JUDGE, Benchmark, Score
 
@@ -125,15 +125,17 @@ class MathVista(Benchmark):
 
     def extract(self, record: Record, prediction: str, judge) -> tuple[str, bool]:
         """(the response to check, whether the rules sufficed). The judge is asked once: VLMEvalKit retries
-        only a failed API call (which our Judge retries itself) and keeps even an empty reply."""
+        only a failed API call (which our Judge retries itself) and keeps even an empty reply. Its reply is
+        checked after VLMEvalKit's .xlsx round trip too, so an extracted "None" or "" is the text "nan"."""
         rule = prefetch(record, prediction)
         if rule:
             return str(rule), True
         if judge is None:
             return "", False
-        return judge.ask(judge_prompt(record.question, prediction), temperature=0.0, max_tokens=128).strip(), False
+        reply = judge.ask(judge_prompt(record.question, prediction), temperature=0.0, max_tokens=128)
+        return as_read_back(reply.strip()), False
 
-    def score(self, records, predictions, judge=None) -> Score:
+    def score_read_back(self, records, predictions, judge=None) -> Score:
         totals, hits, prefetched = defaultdict(int), defaultdict(int), defaultdict(int)
         for record in records:
             response, by_rule = self.extract(record, predictions[record.index], judge)

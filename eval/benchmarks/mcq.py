@@ -137,7 +137,7 @@ class MCQBenchmark(Benchmark):
             grouped[key(record)].append(hits[group])
         return {name: 100 * mean(values) for name, values in sorted(grouped.items())}
 
-    def score(self, records: list[Record], predictions: dict[str, str], judge=None) -> Score:
+    def score_read_back(self, records: list[Record], predictions: dict[str, str], judge=None) -> Score:
         hits, how = self.evaluate(records, predictions, judge)
         return self.summarise(records, hits, how, judge)
 

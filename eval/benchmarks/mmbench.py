@@ -29,7 +29,7 @@ class MMBench(MCQBenchmark):
             )
         ]
 
-    def score(self, records, predictions, judge=None) -> Score:
+    def score_read_back(self, records, predictions, judge=None) -> Score:
         hits, how = self.evaluate(records, predictions, judge)  # once: every judge call is paid for
         score = self.summarise(records, hits, how, judge)
         score.metrics["by_l2_category"] = self.accuracy_by(records, hits, lambda r: r.extra.get("l2-category", ""))

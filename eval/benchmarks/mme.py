@@ -25,7 +25,7 @@ class MME(Benchmark):
     def from_hf(self, row: dict) -> list[Record]:
         return [yes_no_record(row, [row["image"]], str(row["_position"]), image=row["question_id"])]
 
-    def score(self, records, predictions, judge=None) -> Score:
+    def score_read_back(self, records, predictions, judge=None) -> Score:
         per_image = defaultdict(list)
         how = defaultdict(int)
         for record in records:

@@ -71,7 +71,7 @@ class MMMU(MCQBenchmark):
     def message(self, record: Record) -> list[dict]:
         return interleave(record.question, record.images)
 
-    def score(self, records, predictions, judge=None) -> Score:
+    def score_read_back(self, records, predictions, judge=None) -> Score:
         hits, how = {}, {}
         for record in records:
             if not record.options:  # open question (VLMEvalKit's MMMU_preproc)

@@ -80,7 +80,7 @@ class MMVet(Benchmark):
         category = ",".join(capability) if isinstance(capability, list) else str(capability)
         return [Record(str(row["question_id"]), row["question"], str(row["answer"]), [row["image"]], category=category)]
 
-    def score(self, records, predictions, judge=None) -> Score:
+    def score_read_back(self, records, predictions, judge=None) -> Score:
         if judge is None:
             return Score(columns=dict.fromkeys(self.columns, NEEDS_JUDGE), notes=["no judge configured"])
         grades = {r.index: grade(judge, judge_prompt(r.question, r.answer, predictions[r.index])) for r in records}

@@ -34,7 +34,7 @@ class POPE(Benchmark):
         # question_id restarts in each split (adversarial, popular, random): the split makes it unique.
         return [yes_no_record(row, [row["image"]], f"{row['category']}-{row['question_id']}")]
 
-    def score(self, records, predictions, judge=None) -> Score:
+    def score_read_back(self, records, predictions, judge=None) -> Score:
         by_split, how = defaultdict(list), defaultdict(int)
         for record in records:
             guess, method = read_yes_no(record.question, predictions[record.index], judge)

@@ -41,7 +41,7 @@ class RealWorldQA(MCQBenchmark):
             )
         ]
 
-    def score(self, records, predictions, judge=None) -> Score:
+    def score_read_back(self, records, predictions, judge=None) -> Score:
         # A row without options is always wrong in VLMEvalKit: no letter can match its free-form truth.
         # Ours skips the judge there, which VLMEvalKit asks in vain.
         with_options = [r for r in records if r.options]
