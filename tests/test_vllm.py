@@ -1,0 +1,195 @@
+"""AKI in vLLM (aki/vllm_plugin): greedy tokens equal transformers' AKI with MMA, token for token.
+
+Runs in vLLM's environment (`make vllm`, `.venv-vllm`; `make test` runs this file there) and skips
+elsewhere. Each engine runs in a process of its own (`tests/vllm_runner.py`), float32, on vLLM's
+CPU backend. The references are transformers' `generate` on the same saved folders, with MMA, and
+with the causal policy to show the prompts tell the two apart. EOS is ignored on both sides, so
+every answer is `MAX_TOKENS` long.
+
+What the engines cover: one image, two images in one turn, two turns each with an image, text only,
+the same image under two questions (in one batch and one after the other), a batch whose steps mix
+prefills with decodes (`max_num_seqs=2` and answers of different lengths), eager and compiled,
+the tiny Llama AKI (MLP connector), the tiny Phi-3 AKI (Perceiver) and the SmolLM2-based AKI.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from helpers import save_checkpoint  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from aki.presets import TINY_VISION, build_tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+SMOLLM2 = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
+MAX_TOKENS = 6
+MAX_MODEL_LEN = 512
+ENGINE_TIMEOUT_S = 900
+# What MMA needs (aki.vllm_plugin.model.check_engine_config), float32 for exactness.
+ENGINE = {
+    "dtype": "float32",
+    "enable_prefix_caching": False,
+    "enable_chunked_prefill": False,
+    "max_model_len": MAX_MODEL_LEN,
+    "max_num_batched_tokens": MAX_MODEL_LEN,
+    "limit_mm_per_prompt": {"image": 4},
+}
+
+
+def random_image(seed: int, size: int = 40) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8).numpy())
+
+
+def user(text: str, images: int = 1) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+
+def conversations() -> list[tuple[list[dict], list[int]]]:
+    """(messages, image seeds) of the prompts every engine answers."""
+    return [
+        ([user("What colour is the shape?")], [1]),
+        ([user("Which one is red?", images=2)], [2, 3]),
+        (
+            [user("What is in the image?"), {"role": "assistant", "content": "a red circle"}, user("Where is it?")],
+            [4, 5],
+        ),
+        ([{"role": "user", "content": "Describe a square."}], []),
+        ([user("What colour is the shape?")], [6]),
+        ([user("Where is the circle?")], [6]),  # the image of the one before, another question
+    ]
+
+
+class Case:
+    """A saved AKI folder, its prompts and images on disk, and transformers' answers to them."""
+
+    def __init__(self, model, processor, folder: Path):
+        self.folder = save_checkpoint(model, processor, folder)
+        self.requests = []
+        self.expected, self.causal = [], []
+        for index, (messages, seeds) in enumerate(conversations()):
+            prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            paths = []
+            for seed in seeds:
+                paths.append(str(folder / f"image{seed}.png"))
+                random_image(seed).save(paths[-1])
+            images = [Image.open(path) for path in paths]
+            inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+            self.expected.append(greedy(model, inputs, "mma"))
+            self.causal.append(greedy(model, inputs, "causal"))
+            # Answers of different lengths end at different steps: later prefills meet running decodes.
+            self.requests.append({"prompt": prompt, "images": paths, "max_tokens": MAX_TOKENS - index % 3})
+        self.expected = [tokens[: request["max_tokens"]] for tokens, request in zip(self.expected, self.requests)]
+        self.causal = [tokens[: request["max_tokens"]] for tokens, request in zip(self.causal, self.requests)]
+
+
+def greedy(model, inputs, policy: str) -> list[int]:
+    model.config.attention_policy = policy
+    try:
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=[])
+    finally:
+        model.config.attention_policy = "mma"
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def run_engine(folder: Path, rounds: list[list[dict]], tmp_path: Path, **engine) -> tuple[list[dict], str]:
+    """Each round's result from one `vllm.LLM` engine, and the engine's log."""
+    spec, out, log = tmp_path / "spec.json", tmp_path / "out.json", tmp_path / "engine.log"
+    spec.write_text(json.dumps({"model": str(folder), "engine": {**ENGINE, **engine}, "rounds": rounds}))
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(ROOT / ".cache" / "vllm")}
+    with open(log, "wb") as file:
+        completed = subprocess.run(
+            [sys.executable, str(RUNNER), str(spec), str(out)],
+            stdout=file,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            timeout=ENGINE_TIMEOUT_S,
+        )
+    text = log.read_text(errors="replace")
+    if completed.returncode != 0:
+        return [], text
+    return json.loads(out.read_text())["rounds"], text
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_case(tmp_path_factory):
+    return Case(*build_tiny("tiny-llama-vllm", seed=0), tmp_path_factory.mktemp("tiny_llama_vllm"))
+
+
+@pytest.fixture(scope="module")
+def tiny_perceiver_case(tmp_path_factory):
+    return Case(*build_tiny("tiny-vllm", seed=0), tmp_path_factory.mktemp("tiny_vllm"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_case(tmp_path_factory):
+    if not (SMOLLM2 / "config.json").exists():
+        pytest.skip(f"{SMOLLM2} is missing: run `make smollm2`.")
+    from aki.assemble import from_parts
+
+    torch.manual_seed(0)
+    model, processor = from_parts(TINY_VISION, str(SMOLLM2), connector_type="mlp")
+    return Case(model.eval(), processor, tmp_path_factory.mktemp("smollm2_vllm"))
+
+
+def assert_equal_to_transformers(case: Case, tokens: list[list[int]]) -> None:
+    for index, (got, expected) in enumerate(zip(tokens, case.expected, strict=True)):
+        assert got == expected, f"prompt {index}: vLLM {got} != transformers {expected}"
+
+
+def test_prompts_tell_mma_from_causal(tiny_llama_case, smollm2_case):
+    """Equality below means something: on each model, some answer changes when MMA is off."""
+    for case in (tiny_llama_case, smollm2_case):
+        assert case.expected != case.causal
+
+
+def long_prompt(request: dict) -> dict:
+    return {**request, "prompt": "red " * MAX_MODEL_LEN + request["prompt"]}
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_tiny_llama_equals_transformers(tiny_llama_case, tmp_path, enforce_eager):
+    requests = tiny_llama_case.requests
+    same_image = requests[4:6]
+    rounds = [requests, same_image, same_image[:1], same_image[1:], [long_prompt(requests[0])]]
+    results, log = run_engine(tiny_llama_case.folder, rounds, tmp_path, enforce_eager=enforce_eager, max_num_seqs=2)
+    assert results, log[-3000:]
+    assert_equal_to_transformers(tiny_llama_case, results[0]["tokens"])
+    # The same image under two questions, together and one after the other: neither leaks into the other.
+    assert results[1]["tokens"] == tiny_llama_case.expected[4:6]
+    assert results[2]["tokens"] + results[3]["tokens"] == tiny_llama_case.expected[4:6]
+    # A prompt over the scheduler's token budget: chunked prefill is off, so vLLM keeps the budget at
+    # max_model_len and refuses the prompt in one line rather than splitting it.
+    message = results[4]["error"]
+    assert "\n" not in message.strip() and "maximum context length" in message, message
+
+
+def test_tiny_perceiver_equals_transformers(tiny_perceiver_case, tmp_path):
+    results, log = run_engine(tiny_perceiver_case.folder, [tiny_perceiver_case.requests], tmp_path, enforce_eager=True)
+    assert results, log[-3000:]
+    assert_equal_to_transformers(tiny_perceiver_case, results[0]["tokens"])
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_smollm2_equals_transformers(smollm2_case, tmp_path, enforce_eager):
+    results, log = run_engine(smollm2_case.folder, [smollm2_case.requests], tmp_path, enforce_eager=enforce_eager)
+    assert results, log[-3000:]
+    assert_equal_to_transformers(smollm2_case, results[0]["tokens"])
+
+
+def test_unsafe_engine_settings_are_refused_at_start(tiny_llama_case, tmp_path):
+    """vLLM's defaults (prefix caching and chunked prefill on) stop AKI at start, naming the flags."""
+    unsafe = {"enable_prefix_caching": True, "enable_chunked_prefill": True}
+    results, log = run_engine(tiny_llama_case.folder, [], tmp_path, enforce_eager=True, **unsafe)
+    assert "AKI with attention_policy='mma' cannot run here" in log, log[-3000:]
+    assert "--no-enable-prefix-caching" in log and "--no-enable-chunked-prefill" in log
