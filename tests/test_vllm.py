@@ -84,19 +84,18 @@ class Case:
                 random_image(seed).save(paths[-1])
             images = [Image.open(path) for path in paths]
             inputs = processor(images=images or None, text=prompt, return_tensors="pt")
-            self.expected.append(greedy(model, inputs, "mma"))
-            self.causal.append(greedy(model, inputs, "causal"))
             # Answers of different lengths end at different steps: later prefills meet running decodes.
-            self.requests.append({"prompt": prompt, "images": paths, "max_tokens": MAX_TOKENS - index % 3})
-        self.expected = [tokens[: request["max_tokens"]] for tokens, request in zip(self.expected, self.requests)]
-        self.causal = [tokens[: request["max_tokens"]] for tokens, request in zip(self.causal, self.requests)]
+            max_tokens = MAX_TOKENS - index % 3
+            self.expected.append(greedy(model, inputs, "mma", max_tokens))
+            self.causal.append(greedy(model, inputs, "causal", max_tokens))
+            self.requests.append({"prompt": prompt, "images": paths, "max_tokens": max_tokens})
 
 
-def greedy(model, inputs, policy: str) -> list[int]:
+def greedy(model, inputs, policy: str, max_tokens: int) -> list[int]:
     model.config.attention_policy = policy
     try:
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=[])
+            output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=[])
     finally:
         model.config.attention_policy = "mma"
     return output[0, inputs["input_ids"].shape[1] :].tolist()
@@ -193,3 +192,40 @@ def test_unsafe_engine_settings_are_refused_at_start(tiny_llama_case, tmp_path):
     results, log = run_engine(tiny_llama_case.folder, [], tmp_path, enforce_eager=True, **unsafe)
     assert "AKI with attention_policy='mma' cannot run here" in log, log[-3000:]
     assert "--no-enable-prefix-caching" in log and "--no-enable-chunked-prefill" in log
+
+
+def test_aki_eval_vllm_engine_predicts_what_transformers_does(tiny_llama_case, tmp_path):
+    """`aki-eval --engine vllm` writes the transformers engine's predictions, on POPE and MME rows."""
+    from eval_fixtures import image_b64, write_tsv
+    from test_eval_benchmarks import mme_rows
+
+    from aki_eval.run import evaluate, read_predictions
+
+    root = tmp_path / "data"
+    write_tsv(root / "MME.tsv", mme_rows()[0])
+    pope = [
+        {"index": i, "image": image_b64(i), "question": f"Is there a thing {i}?", "answer": "Yes", "category": "random"}
+        for i in range(5)
+    ]
+    write_tsv(root / "POPE.tsv", pope)
+    command = [sys.executable, "-m", "aki_eval.run", "--engine", "vllm", "--model", str(tiny_llama_case.folder)]
+    command += [
+        "--benchmarks",
+        "pope,mme",
+        "--data-root",
+        str(root),
+        "--output",
+        str(tmp_path / "vllm"),
+        "--max-new-tokens",
+        "8",
+    ]
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(ROOT / ".cache" / "vllm")}
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=ENGINE_TIMEOUT_S)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    evaluate(
+        str(tiny_llama_case.folder), ["pope", "mme"], root, tmp_path / "transformers", batch_size=3, max_new_tokens=8
+    )
+    for name, count in (("pope", 5), ("mme", 6)):
+        got = read_predictions(tmp_path / "vllm" / name / "predictions.jsonl")
+        expected = read_predictions(tmp_path / "transformers" / name / "predictions.jsonl")
+        assert len(expected) == count and got == expected
