@@ -3,10 +3,11 @@
 aki chat --model DIR --image PATH "What is in the image?"     # one answer, streamed
 aki chat --model DIR [--image PATH]                           # interactive; /image PATH, /reset, /quit
 aki attention --model DIR --image PATH "question" --out map.png
-aki serve --model DIR [--host 127.0.0.1] [--port 8000]          # OpenAI-compatible server (aki[serve])
+aki serve --model DIR [--host 127.0.0.1] [--port 8000]        # OpenAI-compatible server (aki[serve]); see --help
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -111,7 +112,26 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--model", required=True, help="a native AKI folder")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="read image paths and file:// URLs that lie in DIR (after symlinks and '..'); default: none",
+    )
     serve_parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    serve_parser.add_argument(
+        "--allowed-media-domains", nargs="+", metavar="HOST", help="with --allow-remote-images: only these hosts"
+    )
+    serve_parser.add_argument(
+        "--max-image-bytes", type=int, help="the largest encoded image, in bytes (default: 20 MiB)"
+    )
+    serve_parser.add_argument(
+        "--max-image-pixels", type=int, help="the most pixels one image may have (default: 40 million)"
+    )
+    serve_parser.add_argument(
+        "--api-key",
+        default=os.environ.get("AKI_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $AKI_API_KEY; none: open)",
+    )
     for sub in (chat_parser, attention_parser, serve_parser):
         add_debug_flag(sub)
     args = parser.parse_args(argv)
@@ -122,9 +142,16 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "serve":
-        from .serving import build_app, serve
+        from .serving import build_app, media_policy, serve
 
-        serve(build_app(args.model, args.allow_remote_images), args.host, args.port)
+        limits = {"max_bytes": args.max_image_bytes, "max_pixels": args.max_image_pixels}
+        media = media_policy(
+            args.allowed_local_media_path,
+            args.allow_remote_images,
+            args.allowed_media_domains,
+            **{name: value for name, value in limits.items() if value is not None},
+        )
+        serve(build_app(args.model, media, args.api_key), args.host, args.port)
         return
     model, processor = load(args.model)
     if args.command == "attention":

