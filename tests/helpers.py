@@ -1,5 +1,9 @@
 """Small helpers shared by the tests."""
 
+import base64
+import io
+import socket
+
 
 def chat(question, answer=None, num_images=1):
     content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
@@ -7,6 +11,18 @@ def chat(question, answer=None, num_images=1):
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages
+
+
+def png_data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def save_checkpoint(model, processor, folder):

@@ -12,10 +12,14 @@ prefills with decodes (`max_num_seqs=2` and answers of different lengths), eager
 the tiny Llama AKI (MLP connector), the tiny Phi-3 AKI (Perceiver) and the SmolLM2-based AKI.
 """
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from helpers import save_checkpoint  # noqa: E402
+from helpers import free_port, png_data_url, save_checkpoint  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from aki.presets import TINY_VISION, build_tiny  # noqa: E402
@@ -74,6 +78,8 @@ class Case:
 
     def __init__(self, model, processor, folder: Path):
         self.folder = save_checkpoint(model, processor, folder)
+        self.processor = processor
+        self.openai_messages = []
         self.requests = []
         self.expected, self.causal = [], []
         for index, (messages, seeds) in enumerate(conversations()):
@@ -89,6 +95,22 @@ class Case:
             self.expected.append(greedy(model, inputs, "mma", max_tokens))
             self.causal.append(greedy(model, inputs, "causal", max_tokens))
             self.requests.append({"prompt": prompt, "images": paths, "max_tokens": max_tokens})
+            self.openai_messages.append(openai_messages(messages, images))
+
+
+def openai_messages(messages: list[dict], images: list) -> list[dict]:
+    """The conversation as an OpenAI client sends it: each image a PNG data URL where it stands."""
+    urls = iter(png_data_url(image) for image in images)
+    converted = []
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [
+                {"type": "image_url", "image_url": {"url": next(urls)}} if part["type"] == "image" else part
+                for part in content
+            ]
+        converted.append({**message, "content": content})
+    return converted
 
 
 def greedy(model, inputs, policy: str, max_tokens: int) -> list[int]:
@@ -229,3 +251,64 @@ def test_aki_eval_vllm_engine_predicts_what_transformers_does(tiny_llama_case, t
         got = read_predictions(tmp_path / "vllm" / name / "predictions.jsonl")
         expected = read_predictions(tmp_path / "transformers" / name / "predictions.jsonl")
         assert len(expected) == count and got == expected
+
+
+@contextlib.contextmanager
+def vllm_server(folder: Path, log_file: Path):
+    """`vllm serve FOLDER` as a user starts it (with the flags MMA needs) on 127.0.0.1; its base URL."""
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("vllm")), "serve", str(folder), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN)]
+    command += ["--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(ROOT / ".cache" / "vllm")}
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ENGINE_TIMEOUT_S
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve did not come up:\n{log_file.read_text(errors='replace')[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_vllm_serve_answers_as_transformers_through_the_openai_client(tiny_llama_case, tmp_path):
+    """Every prompt through `vllm serve` and the `openai` client, all at once and then streamed, is
+    transformers' MMA answer, decoded."""
+    import openai
+
+    case = tiny_llama_case
+    expected = [case.processor.decode(tokens, skip_special_tokens=True) for tokens in case.expected]
+    with vllm_server(case.folder, tmp_path / "server.log") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
+
+        def ask(index: int, stream: bool) -> str:
+            reply = client.chat.completions.create(
+                model=str(case.folder),
+                messages=case.openai_messages[index],
+                max_tokens=case.requests[index]["max_tokens"],
+                temperature=0.0,
+                stream=stream,
+                extra_body={"ignore_eos": True},
+            )
+            if stream:
+                return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices)
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(len(expected)) as pool:
+            together = list(pool.map(lambda index: ask(index, stream=False), range(len(expected))))
+        streamed = [ask(index, stream=True) for index in range(len(expected))]
+    assert together == expected
+    assert streamed == expected
