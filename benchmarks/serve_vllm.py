@@ -9,7 +9,7 @@ needs from .venv-vllm), send one warm-up request, then for each concurrency leve
 requests at once (a different image each, greedy, up to --max-tokens) through the `openai` client
 and time them. Prints one table (generated tokens/s, p50 and p95 latency, and vLLM's tokens/s over
 aki serve's at each level) with `uptime` before and after: the figures are only comparable within
-one run, on one machine, under one load.
+one run, on one machine, under one load. The table is also written to OUTPUT/results.md.
 """
 
 import argparse
@@ -161,17 +161,29 @@ def main() -> None:
             for level in levels:
                 results[name, level] = run_level(client, str(model), level, args.max_tokens)
                 print(f"{name} x{level}: {results[name, level]}", flush=True)
-    print(f"\nuptime before: {load_before}\nuptime after:  {uptime()}\n")
-    print("| concurrent | server | tokens | tokens/s | p50 latency (s) | p95 latency (s) | vLLM / aki serve |")
-    print("|---|---|---|---|---|---|---|")
+    table = render(results, levels, load_before, uptime())
+    (args.output / "results.md").write_text(table)
+    print(table)
+
+
+def render(results: dict, levels: list[int], load_before: str, load_after: str) -> str:
+    """The markdown table, with the load before and after."""
+    lines = [
+        f"uptime before: {load_before}",
+        f"uptime after:  {load_after}",
+        "",
+        "| concurrent | server | tokens | tokens/s | p50 latency (s) | p95 latency (s) | vLLM / aki serve |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for level in levels:
         for name in ("aki serve", "vllm serve"):
             row = results[name, level]
-            ratio = row["tokens_per_s"] / results["aki serve", level]["tokens_per_s"] if name == "vllm serve" else 1.0
-            print(
+            ratio = row["tokens_per_s"] / results["aki serve", level]["tokens_per_s"]
+            lines.append(
                 f"| {level} | {name} | {row['tokens']} | {row['tokens_per_s']:.1f} | {row['p50_s']:.2f} | "
                 f"{row['p95_s']:.2f} | {ratio:.2f}x |"
             )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ every answer is `MAX_TOKENS` long.
 What the engines cover: one image, two images in one turn, two turns each with an image, text only,
 the same image under two questions (in one batch and one after the other), a batch whose steps mix
 prefills with decodes (`max_num_seqs=2` and answers of different lengths), eager and compiled,
-the tiny Llama AKI (MLP connector), the tiny Phi-3 AKI (Perceiver) and the SmolLM2-based AKI.
+the tiny Llama AKI (MLP connector), the tiny Phi-3 AKI (Perceiver, an output-layer bias) and the SmolLM2-based AKI.
 """
 
 import contextlib
@@ -149,7 +149,10 @@ def tiny_llama_case(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_perceiver_case(tmp_path_factory):
-    return Case(*build_tiny("tiny-vllm", seed=0), tmp_path_factory.mktemp("tiny_vllm"))
+    """The tiny Phi-3 AKI behind a Perceiver, with an output-layer bias as the official AKI-4B has."""
+    model, processor = build_tiny("tiny-vllm", seed=0, lm_head_bias=True)
+    torch.nn.init.normal_(model.lm_head.bias, std=0.5, generator=torch.Generator().manual_seed(0))
+    return Case(model, processor, tmp_path_factory.mktemp("tiny_vllm"))
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +169,19 @@ def smollm2_case(tmp_path_factory):
 def assert_equal_to_transformers(case: Case, tokens: list[list[int]]) -> None:
     for index, (got, expected) in enumerate(zip(tokens, case.expected, strict=True)):
         assert got == expected, f"prompt {index}: vLLM {got} != transformers {expected}"
+
+
+def test_environment_is_the_vllm_lock():
+    """`make vllm` installed requirements-vllm.lock exactly, without PyPI's CUDA torchvision family."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from lockfile import installed_unlike
+
+    wrong = installed_unlike(ROOT / "requirements-vllm.lock")
+    assert not wrong, "the venv is not requirements-vllm.lock (rm -rf .venv-vllm; make vllm):\n" + "\n".join(wrong)
+    for name in ("torchvision", "torchaudio", "torchcodec"):
+        with pytest.raises(PackageNotFoundError):
+            version(name)
 
 
 def test_prompts_tell_mma_from_causal(tiny_llama_case, smollm2_case):

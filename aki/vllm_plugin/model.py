@@ -19,6 +19,7 @@ from transformers import BatchFeature
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.siglip import SiglipVisionModel
 from vllm.model_executor.models.utils import (
@@ -189,8 +190,6 @@ class AkiForConditionalGeneration(nn.Module, SupportsMultiModal):
         super().__init__()
         config: AkiConfig = vllm_config.model_config.hf_config
         self.config = config
-        if config.lm_head_bias:
-            raise ValueError("AKI's vLLM plugin does not load an output layer with a bias (lm_head_bias=True) yet.")
         self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_id])
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_tower = SiglipVisionModel(
@@ -221,6 +220,15 @@ class AkiForConditionalGeneration(nn.Module, SupportsMultiModal):
                 hf_config=text_config,
                 prefix=maybe_prefix(prefix, "language_model"),
                 architectures=architectures,
+            )
+        if config.lm_head_bias:
+            # The official AKI-4B's output layer has a bias, which vLLM's language models do not load.
+            self.language_model.lm_head = ParallelLMHead(
+                text_config.vocab_size,
+                text_config.hidden_size,
+                bias=True,
+                quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "language_model.lm_head"),
             )
         self.mma_planner = None
         if config.attention_policy == "mma":
@@ -257,7 +265,8 @@ class AkiForConditionalGeneration(nn.Module, SupportsMultiModal):
         return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.language_model.compute_logits(hidden_states)
+        head = self.language_model.lm_head
+        return self.language_model.logits_processor(head, hidden_states, embedding_bias=head.bias)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
