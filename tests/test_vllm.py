@@ -328,3 +328,67 @@ def test_vllm_serve_answers_as_transformers_through_the_openai_client(tiny_llama
         streamed = [ask(index, stream=True) for index in range(len(expected))]
     assert together == expected
     assert streamed == expected
+
+
+# The planner and the correction on their own, without an engine: the parts a full prompt never reaches.
+IMAGE, MARKER, TEXT = 3, 7, 20
+
+
+def planner_with_history(history: list[int], block_table: torch.Tensor, block_size: int):
+    from aki.vllm_plugin.attention import MmaPlanner, slots_of
+
+    planner = MmaPlanner(IMAGE, [MARKER], block_size)
+    ids = torch.tensor(history)
+    planner.slot_tokens.write(slots_of(block_table, len(history), block_size), ids)
+    return planner
+
+
+def test_a_prefill_that_starts_inside_a_window_is_refused():
+    """An image computed in an earlier step, its question in this one: refused, never computed causally."""
+    from aki import PromptSplitError
+
+    history = [TEXT] * 4 + [IMAGE] * 4 + [TEXT] * 3 + [MARKER, TEXT]
+    planner = planner_with_history(history, torch.tensor([0]), 32)
+    with pytest.raises(PromptSplitError, match="starts at position 9, inside an image's MMA window"):
+        planner._request_rows(0, [0, 4], [len(history)], torch.tensor([0]))  # the last 4 tokens in this step
+
+
+def test_an_image_after_a_cached_prefix_sees_the_prefix_read_back_from_the_paged_cache():
+    """A system prompt cached in an earlier step, then image, question and header in this one: the image rows
+    equal dense MMA over the whole sequence, with the prefix's keys read from CPU_ATTN's cache as its kernel wrote them."""
+    from vllm import _custom_ops as ops
+
+    from aki.masking import dense_attention_mask, mma_window_ids
+    from aki.vllm_plugin.attention import cpu_attn_halves, gather_cached, image_keys_and_values, mma_rows, slots_of
+
+    block_size, heads, kv_heads, dim, context = 32, 4, 2, 32, 40
+    history = [TEXT] * context + [IMAGE] * 8 + [TEXT] * 5 + [MARKER, TEXT]
+    length = len(history)
+    block_table = torch.tensor([3, 1, 0, 2])  # blocks out of order, as the allocator hands them out
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(length, n, dim, generator=generator) for n in (heads, kv_heads, kv_heads))
+    kv_cache = torch.zeros(4, kv_heads, block_size, 2 * dim)
+    raw_keys, raw_values = kv_cache.view(4, kv_heads, 2 * block_size, dim).chunk(2, dim=2)  # as CPU_ATTN slices it
+    ops.cpu_attn_reshape_and_cache(key, value, raw_keys, raw_values, slots_of(block_table, length, block_size), "vec")
+    key_cache, value_cache = cpu_attn_halves(kv_cache)
+    assert torch.equal(gather_cached(key_cache, block_table, length), key)
+    assert torch.equal(gather_cached(value_cache, block_table, length), value)
+
+    planner = planner_with_history(history, block_table, block_size)
+    image = planner._request_rows(0, [0, length - context], [length], block_table)
+    assert image.context == context
+    # This step's tokens come first in the step's tensors (one request: step_start 0).
+    step = slice(context, length)
+    keys, values = image_keys_and_values(image, key[step], value[step], key_cache, value_cache)
+    got = mma_rows(query[step][image.rows], keys, values, image.allowed, dim**-0.5)
+
+    allowed = dense_attention_mask(mma_window_ids(torch.tensor([history]), IMAGE, [MARKER]))[0]
+    rows = context + image.rows
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query[rows].transpose(0, 1), key.repeat_interleave(2, 1).transpose(0, 1), value.repeat_interleave(2, 1).transpose(0, 1),
+        attn_mask=allowed[rows], scale=dim**-0.5,
+    ).transpose(0, 1)  # fmt: skip
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(NotImplementedError, match="cannot read keys back from this CPU_ATTN cache layout"):
+        image_keys_and_values(image, key[step], value[step], *cpu_attn_halves(torch.zeros_like(kv_cache)))
+    assert allowed[rows][:, context + 8 : context + 14].all()  # the question and header are open to every image row

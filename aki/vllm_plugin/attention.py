@@ -159,11 +159,22 @@ class MmaCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         return MmaCPUAttentionMetadata(**fields, is_prefilling=common_attn_metadata.is_prefilling)
 
 
-def gather_cached(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """Positions 0..length-1 of one request from one half of a CPU_ATTN cache, (length, g, e).
+def cpu_attn_halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU_ATTN's cache (blocks, g, block, 2e) as keys and values, each indexed (blocks, g, block, e).
 
-    `cache` is the key (or value) half as CPU_ATTN's own forward slices it: (blocks, g, block, e).
+    The halves are sliced as CPU_ATTN's own forward slices them; its vec kernels store each block's
+    keys transposed, (e, block), and its values as they are (read off `cpu_attn_reshape_and_cache`,
+    vLLM 0.32.0). `image_keys_and_values` checks this on every read, so another layout is refused.
     """
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+    blocks, heads = key_cache.stride()[:2]
+    keys = key_cache.as_strided(key_cache.shape, (blocks, heads, 1, block_size), key_cache.storage_offset())
+    return keys, value_cache
+
+
+def gather_cached(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions 0..length-1 of one request from one half of the cache (`cpu_attn_halves`), (length, g, e)."""
     block_size = cache.shape[2]
     positions = torch.arange(length)
     blocks = block_table[positions // block_size].long()
@@ -192,29 +203,34 @@ class MmaCPUAttentionImpl(CPUAttentionBackendImpl):
         super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         if attn_metadata is None:
             return output
-        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-        key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+        block_size = kv_cache.shape[2]
+        if block_size != self.mma_planner.block_size:
+            raise ValueError(f"KV cache blocks of {block_size}; AKI's MMA planned {self.mma_planner.block_size}.")
+        key_cache, value_cache = cpu_attn_halves(kv_cache)
         for image in self.mma_planner.image_rows:
-            keys, values = self._keys_and_values(image, key, value, key_cache, value_cache)
+            keys, values = image_keys_and_values(image, key, value, key_cache, value_cache)
             output[image.rows] = mma_rows(query[image.rows], keys, values, image.allowed, self.scale).to(output.dtype)
         return output
 
-    def _keys_and_values(self, image: ImageRows, key, value, key_cache, value_cache):
-        """Keys and values (t, g, e) of positions 0..t-1: this step's from `key`/`value`, earlier ones
-        read back from the paged cache (a cached prefix before the image)."""
-        length = image.allowed.shape[1]
-        fresh = slice(image.step_start, image.step_start + length - image.context)
-        if image.context == 0:
-            return key[fresh], value[fresh]
-        keys = gather_cached(key_cache, image.block_table, length)
-        if not torch.equal(keys[image.context :], key[fresh].to(keys.dtype)):
-            raise NotImplementedError(
-                "AKI's MMA cannot read keys back from this CPU_ATTN cache layout "
-                f"(isa {getattr(self, 'isa', '?')}, kv cache dtype {self.kv_cache_dtype}); a cached prefix before an "
-                "image is not supported here."
-            )
-        values = gather_cached(value_cache, image.block_table, length)
-        return torch.cat([keys[: image.context], key[fresh]]), torch.cat([values[: image.context], value[fresh]])
+
+def image_keys_and_values(image: ImageRows, key, value, key_cache, value_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (t, g, e) of positions 0..t-1 for `image`'s rows: this step's from `key`/`value`,
+    earlier ones (a causal prefix cached before the image) read back from the paged cache.
+
+    Reading back is checked on this step's own positions, which the cache holds too: a cache layout
+    other than the one `gather_cached` reads is refused rather than read wrong."""
+    length = image.allowed.shape[1]
+    fresh = slice(image.step_start, image.step_start + length - image.context)
+    if image.context == 0:
+        return key[fresh], value[fresh]
+    keys = gather_cached(key_cache, image.block_table, length)
+    if not torch.equal(keys[image.context :], key[fresh].to(keys.dtype)):
+        raise NotImplementedError(
+            "AKI's MMA cannot read keys back from this CPU_ATTN cache layout (not its vec kernels'), so it "
+            "cannot serve an image after a cached prefix here."
+        )
+    values = gather_cached(value_cache, image.block_table, length)
+    return torch.cat([keys[: image.context], key[fresh]]), torch.cat([values[: image.context], value[fresh]])
 
 
 def mma_rows(
