@@ -139,8 +139,15 @@ def with_mma_attention(language_model: nn.Module, planner: MmaPlanner, vllm_conf
             if not isinstance(layer, Attention) or layer.attn_type != AttentionType.DECODER:
                 continue
             window = layer.impl.sliding_window
-            if layer.impl.alibi_slopes is not None or layer.impl.logits_soft_cap or layer.has_sink:
-                raise ValueError(f"AKI's MMA does not support {layer.layer_name}'s ALiBi, soft-cap or sinks.")
+            if (
+                layer.impl.alibi_slopes is not None
+                or layer.impl.logits_soft_cap
+                or layer.has_sink
+                or layer.kv_sharing_target_layer_name is not None
+            ):
+                raise ValueError(
+                    f"AKI's MMA does not support {layer.layer_name}'s ALiBi, soft-cap, sinks or shared KV cache."
+                )
             if 0 < window < max_model_len:
                 raise ValueError(
                     f"AKI's MMA does not support a sliding window ({window}) shorter than --max-model-len "
