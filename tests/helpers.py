@@ -3,6 +3,7 @@
 import base64
 import io
 import socket
+import subprocess
 
 
 def chat(question, answer=None, num_images=1):
@@ -23,6 +24,16 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def stop_process(process, timeout_s: float = 60) -> None:
+    """Terminate a server process, and kill it if it does not stop in time."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def save_checkpoint(model, processor, folder):

