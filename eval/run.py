@@ -257,7 +257,8 @@ class VllmPredictor(Predictor):
         )
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         # Decoded as the transformers engine decodes (vLLM's own text holds back a trailing partial character).
-        return self.processor.batch_decode([output.outputs[0].token_ids for output in outputs], skip_special_tokens=True)
+        tokens = [output.outputs[0].token_ids for output in outputs]
+        return self.processor.batch_decode(tokens, skip_special_tokens=True)
 
 
 def predict(
