@@ -95,7 +95,7 @@ class Server:
             self.process.wait()
 
 
-def ask(client, model: str, seed: int, max_tokens: int) -> tuple[float, int]:
+def ask(client, model: str, seed: int, max_tokens: int, extra_body: dict) -> tuple[float, int]:
     """One image question: (latency in s, generated tokens)."""
     started = time.perf_counter()
     reply = client.chat.completions.create(
@@ -112,16 +112,16 @@ def ask(client, model: str, seed: int, max_tokens: int) -> tuple[float, int]:
         ],
         max_tokens=max_tokens,
         temperature=0.0,
-        extra_body={"add_special_tokens": True},  # vLLM: the tokenizer's special tokens, as aki serve adds them
+        extra_body=extra_body,
     )
     return time.perf_counter() - started, reply.usage.completion_tokens
 
 
-def run_level(client, model: str, concurrency: int, max_tokens: int) -> dict:
+def run_level(client, model: str, concurrency: int, max_tokens: int, extra_body: dict) -> dict:
     """`concurrency` requests sent at once: generated tokens/s over the whole burst, p50/p95 latency."""
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda seed: ask(client, model, seed, max_tokens), range(concurrency)))
+        results = list(pool.map(lambda seed: ask(client, model, seed, max_tokens, extra_body), range(concurrency)))
     wall = time.perf_counter() - started
     latencies = sorted(latency for latency, _ in results)
     tokens = sum(count for _, count in results)
@@ -165,9 +165,11 @@ def main() -> None:
     for name, command in server_commands(model, args.port, args.aki_python, args.vllm).items():
         with Server(command, args.port, args.output / f"{name.replace(' ', '_')}.log") as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=3600, max_retries=0)
-            ask(client, str(model), 10_000, args.max_tokens)  # warm-up
+            # vLLM's chat endpoint adds the tokenizer's special tokens (BOS) only when asked; aki serve always does.
+            extra_body = {"add_special_tokens": True} if name == "vllm serve" else {}
+            ask(client, str(model), 10_000, args.max_tokens, extra_body)  # warm-up
             for level in levels:
-                results[name, level] = run_level(client, str(model), level, args.max_tokens)
+                results[name, level] = run_level(client, str(model), level, args.max_tokens, extra_body)
                 print(f"{name} x{level}: {results[name, level]}", flush=True)
     table = render(results, levels, load_before, uptime())
     (args.output / "results.md").write_text(table)

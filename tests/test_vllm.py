@@ -83,6 +83,7 @@ class Case:
         self.folder = save_checkpoint(model, processor, folder)
         self.processor = processor
         self.openai_messages = []
+        self.prompt_ids = []
         self.requests = []
         self.expected, self.causal = [], []
         for index, (messages, seeds) in enumerate(conversations()):
@@ -99,6 +100,7 @@ class Case:
             self.causal.append(greedy(model, inputs, "causal", max_tokens))
             self.requests.append({"prompt": prompt, "images": paths, "max_tokens": max_tokens})
             self.openai_messages.append(openai_messages(messages, images))
+            self.prompt_ids.append(inputs["input_ids"][0].tolist())
 
 
 def openai_messages(messages: list[dict], images: list) -> list[dict]:
@@ -299,16 +301,16 @@ def vllm_server(folder: Path, log_file: Path):
 
 
 def test_vllm_serve_answers_as_transformers_through_the_openai_client(tiny_llama_case, tmp_path):
-    """Every prompt through `vllm serve` and the `openai` client, all at once and then streamed, is
-    transformers' MMA answer, decoded."""
+    """Every prompt through vLLM's server and the `openai` client, all at once and then streamed: the
+    server's prompt is AkiProcessor's, token for token, and its answer transformers' MMA answer."""
     import openai
 
     case = tiny_llama_case
-    expected = [case.processor.decode(tokens, skip_special_tokens=True) for tokens in case.expected]
     with vllm_server(case.folder, tmp_path / "server.log") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
 
-        def ask(index: int, stream: bool) -> str:
+        def ask(index: int, stream: bool) -> tuple[list[int], list[int]]:
+            """(prompt ids, answer ids) as the server reports them (vLLM's return_token_ids)."""
             reply = client.chat.completions.create(
                 model=str(case.folder),
                 messages=case.openai_messages[index],
@@ -317,17 +319,22 @@ def test_vllm_serve_answers_as_transformers_through_the_openai_client(tiny_llama
                 stream=stream,
                 # AKI's chat templates leave BOS to the tokenizer (as the official prompt did); vLLM's chat
                 # endpoint adds the tokenizer's special tokens only when asked (docs/vllm.md).
-                extra_body={"ignore_eos": True, "add_special_tokens": True},
+                extra_body={"ignore_eos": True, "add_special_tokens": True, "return_token_ids": True},
             )
-            if stream:
-                return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices)
-            return reply.choices[0].message.content
+            if not stream:
+                return reply.prompt_token_ids, reply.choices[0].token_ids
+            prompt, answer = None, []
+            for chunk in reply:
+                prompt = prompt or chunk.prompt_token_ids
+                answer += [token for choice in chunk.choices for token in choice.token_ids or []]
+            return prompt, answer
 
-        with ThreadPoolExecutor(len(expected)) as pool:
-            together = list(pool.map(lambda index: ask(index, stream=False), range(len(expected))))
-        streamed = [ask(index, stream=True) for index in range(len(expected))]
-    assert together == expected
-    assert streamed == expected
+        with ThreadPoolExecutor(len(case.requests)) as pool:
+            together = list(pool.map(lambda index: ask(index, stream=False), range(len(case.requests))))
+        streamed = [ask(index, stream=True) for index in range(len(case.requests))]
+    for replies in (together, streamed):
+        assert [prompt for prompt, _ in replies] == case.prompt_ids
+        assert [answer for _, answer in replies] == case.expected
 
 
 # The planner and the correction on their own, without an engine: the parts a full prompt never reaches.
