@@ -324,9 +324,9 @@ def test_vllm_serve_answers_as_transformers_through_the_openai_client(tiny_llama
             if not stream:
                 return reply.prompt_token_ids, reply.choices[0].token_ids
             prompt, answer = None, []
-            for chunk in reply:
-                prompt = prompt or chunk.prompt_token_ids
-                answer += [token for choice in chunk.choices for token in choice.token_ids or []]
+            for chunk in reply:  # vLLM's extra fields, where a chunk has them
+                prompt = prompt or getattr(chunk, "prompt_token_ids", None)
+                answer += [token for choice in chunk.choices for token in getattr(choice, "token_ids", None) or []]
             return prompt, answer
 
         with ThreadPoolExecutor(len(case.requests)) as pool:
