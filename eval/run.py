@@ -2,7 +2,7 @@
 
     python -m aki_eval.run --model DIR --benchmarks mme,pope,mmbench --data-root DIR
         [--limit N] [--batch-size B] [--max-new-tokens N] [--policy causal|mma] [--output DIR]
-        [--judge-base-url URL --judge-model NAME --judge-api-key KEY]
+        [--judge-base-url URL --judge-model NAME --judge-api-key KEY] [--engine transformers|vllm]
 
 Predictions are appended to `OUTPUT/<benchmark>/predictions.jsonl` as they are generated, so a
 killed run resumes where it stopped. `OUTPUT/results.json` holds every metric, and
@@ -15,6 +15,10 @@ Data parallel, one process per GPU (`torchrun` or `accelerate launch` set RANK a
 
 Rank r answers every WORLD_SIZE-th question into `predictions.rank<r>.jsonl` (and resumes from it);
 rank 0 then merges them into `predictions.jsonl`, scores and writes the table.
+
+`--engine vllm` generates through vLLM and AKI's vLLM plugin (aki/vllm_plugin; vLLM's environment,
+`make vllm`) instead of transformers, the same answers batched continuously; use a larger
+`--batch-size` there (each batch is one `generate` call).
 """
 
 import argparse
@@ -123,6 +127,20 @@ def merge_predictions(folder: Path) -> dict[str, str]:
     return predictions
 
 
+def chat_prompts(processor, contents: list[list[dict]], image_separator: str = "", prefix: str = "") -> list[str]:
+    """One prompt per user turn (`content` items, `{"type": "image"}` where each image goes)."""
+    return [
+        prefix
+        + processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            tokenize=False,
+            image_separator=image_separator,
+        )
+        for content in contents
+    ]
+
+
 class Predictor:
     """Batched greedy generation with left padding."""
 
@@ -162,16 +180,7 @@ class Predictor:
     ) -> list[str]:
         """Answers to user turns (`content` items, `{"type": "image"}` where each image goes); greedy by default,
         else sampled with `sampling` (temperature, top_p)."""
-        prompts = [
-            prefix
-            + self.processor.apply_chat_template(
-                [{"role": "user", "content": content}],
-                add_generation_prompt=True,
-                tokenize=False,
-                image_separator=image_separator,
-            )
-            for content in contents
-        ]
+        prompts = chat_prompts(self.processor, contents, image_separator, prefix)
         inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(self.device)
         output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -189,6 +198,67 @@ class Predictor:
             benchmark.image_separator,
             benchmark.prompt_prefix,
         )
+
+
+class VllmPredictor(Predictor):
+    """The same answers through vLLM (AKI's plugin): each batch is one `generate` call, batched continuously.
+
+    Stops where transformers' `generate` stops, at the generation config's EOS ids only (vLLM would
+    also stop at the tokenizer's EOS token)."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        policy: str | None = None,
+        dtype: str = "float32",
+        max_new_tokens: int | None = None,
+        **engine,
+    ):
+        from transformers import AutoProcessor, GenerationConfig
+        from vllm import LLM
+
+        import aki  # noqa: F401  (registers AkiProcessor)
+
+        self.max_new_tokens = max_new_tokens
+        model_dir = model_folder(model_dir)
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        self.stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        # MMA needs whole prefills and no reuse of image blocks across questions (docs/vllm.md).
+        settings = {"enable_prefix_caching": False, "enable_chunked_prefill": False, **engine}
+        if policy:
+            settings["hf_overrides"] = {"attention_policy": policy}
+        self.llm = LLM(str(model_dir), dtype=dtype, **settings)
+
+    def generate(
+        self,
+        contents: list[list[dict]],
+        images: list,
+        max_new_tokens: int,
+        image_separator: str = "",
+        prefix: str = "",
+        do_sample: bool = False,
+        **sampling,
+    ) -> list[str]:
+        from vllm import SamplingParams
+
+        prompts = chat_prompts(self.processor, contents, image_separator, prefix)
+        requests, remaining = [], list(images)
+        for prompt, content in zip(prompts, contents, strict=True):
+            count = sum(item["type"] == "image" for item in content)
+            own, remaining = remaining[:count], remaining[count:]
+            requests.append({"prompt": prompt, "multi_modal_data": {"image": own}} if own else {"prompt": prompt})
+        params = SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=sampling.get("temperature", 1.0) if do_sample else 0.0,
+            top_p=sampling.get("top_p", 1.0) if do_sample else 1.0,
+            ignore_eos=True,
+            stop_token_ids=self.stop_token_ids,
+        )
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        # Decoded as the transformers engine decodes (vLLM's own text holds back a trailing partial character).
+        tokens = [output.outputs[0].token_ids for output in outputs]
+        return self.processor.batch_decode(tokens, skip_special_tokens=True)
 
 
 def predict(
@@ -287,6 +357,7 @@ def evaluate(
     predictor=None,
     hf_configs: dict[str, str] | None = None,
     max_new_tokens: int | None = None,
+    engine: str = "transformers",
 ) -> dict[str, Score]:
     """Per benchmark: predict this rank's shard, then on rank 0 merge, score and rewrite the results,
     so a later failure keeps what was scored. Returns the scores on rank 0, an empty dict elsewhere."""
@@ -297,6 +368,10 @@ def evaluate(
         if torch.cuda.is_available():
             torch.cuda.set_device(ranks.local_rank)  # NCCL's barrier runs on the current device
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if predictor is None and engine == "vllm":
+        if ranks.world_size > 1:
+            raise ValueError("--engine vllm batches by itself: run one process (vLLM uses the GPUs it is given).")
+        predictor = VllmPredictor(model, policy, max_new_tokens=max_new_tokens)
     predictor = predictor or Predictor(model, policy, device=device, max_new_tokens=max_new_tokens)
     judge = CachedJudge(judge, output / "judge_replies.jsonl") if judge is not None else None
     label = f"ours ({Path(model).name}{', ' + policy if policy else ''})"
@@ -352,6 +427,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--hf-config", help="config of a multi-config Hugging Face folder, e.g. mmbench=cn (mmbench reads en)"
     )
+    parser.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="generate with transformers (default) or vLLM (AKI's vLLM plugin, in vLLM's environment: make vllm)",
+    )
     parser.add_argument("--judge-base-url")
     parser.add_argument("--judge-model")
     parser.add_argument("--judge-api-key")
@@ -367,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             return evaluate(
                 args.model, names, args.data_root, output, args.limit, args.batch_size, args.policy, judge,
-                hf_configs=configs, max_new_tokens=args.max_new_tokens,
+                hf_configs=configs, max_new_tokens=args.max_new_tokens, engine=args.engine,
             )  # fmt: skip
         finally:
             if dist.is_initialized():

@@ -1,5 +1,10 @@
 """Small helpers shared by the tests."""
 
+import base64
+import io
+import socket
+import subprocess
+
 
 def chat(question, answer=None, num_images=1):
     content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
@@ -7,6 +12,28 @@ def chat(question, answer=None, num_images=1):
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages
+
+
+def png_data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_process(process, timeout_s: float = 60) -> None:
+    """Terminate a server process, and kill it if it does not stop in time."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def save_checkpoint(model, processor, folder):

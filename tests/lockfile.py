@@ -26,6 +26,21 @@ def read_pins(path: str | Path) -> dict[str, str]:
     return pins
 
 
+def installed_unlike(path: str | Path) -> list[str]:
+    """One line per package of the lock that this environment lacks or holds at another version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    wrong = []
+    for name, pinned in read_pins(path).items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = "not installed"
+        if installed != pinned:
+            wrong.append(f"{name}: locked {pinned}, installed {installed}")
+    return wrong
+
+
 def moved(old: dict[str, str], new: dict[str, str]) -> list[str]:
     """One line per package whose pin differs, appeared or went away."""
     lines = []

@@ -5,11 +5,11 @@
 
 import re
 import tomllib
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from lockfile import moved, read_pins
+from lockfile import installed_unlike, moved, read_pins
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -42,14 +42,7 @@ def locked_requirements() -> list[Requirement]:
 
 
 def test_every_locked_package_is_installed_at_its_pin():
-    wrong = []
-    for name, pinned in read_pins(LOCK).items():
-        try:
-            installed = version(name)
-        except PackageNotFoundError:
-            installed = "not installed"
-        if installed != pinned:
-            wrong.append(f"{name}: locked {pinned}, installed {installed}")
+    wrong = installed_unlike(LOCK)
     assert not wrong, "the venv is not the lock (rm -rf .venv and run make again):\n" + "\n".join(wrong)
 
 

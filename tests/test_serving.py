@@ -15,7 +15,6 @@ import http.server
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from helpers import save_checkpoint  # noqa: E402
+from helpers import free_port, png_data_url, save_checkpoint, stop_process  # noqa: E402
 from tokenizers.decoders import DecodeStream  # noqa: E402
 
 STARTUP_TIMEOUT_S = 180
@@ -42,18 +41,6 @@ MMA_QUESTION = "Which colour?"
 API_KEY = "test-key-0123"
 MAX_IMAGE_BYTES = 2_000_000
 MAX_IMAGE_PIXELS = 4_000_000
-
-
-def png_data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, log_file) -> None:
@@ -88,12 +75,7 @@ def running_server(folder: str, log_dir, *flags: str, env: dict | None = None):
         wait_until_healthy(url, process, log_file)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
