@@ -19,6 +19,7 @@ run in parallel processes (`--first-seed`) and a last call with all seeds gather
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def timed_stage(config: str, overrides: dict) -> dict:
     cfg = load_config(CONFIGS / config, {"save_every": 0, **overrides})
     started = time.perf_counter()
     summary = train(cfg)
+    # The stage is exported: its resume checkpoint (weights and optimiser state, 3 GB for SmolLM2) is not needed.
+    shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
     record = {
         "steps": cfg.max_steps,
         "seconds": time.perf_counter() - started,
