@@ -1,6 +1,6 @@
 # The two commands of the README. Both create .venv from requirements.lock on first use, and again
 # whenever the lock changes (a fresh venv: packages an older lock left behind cannot hide a break).
-# make demo: the paper's Table 1 in miniature (about 10 minutes on 2 CPU cores after a 2-minute install), see demo/run.py.
+# make demo: the paper's Table 1 in miniature (10 minutes on 2 CPU cores, after a 2-minute install), see demo/run.py.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python

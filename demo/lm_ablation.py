@@ -45,11 +45,12 @@ def timed_stage(config: str, overrides: dict) -> dict:
     cfg = load_config(CONFIGS / config, {"save_every": 0, **overrides})
     started = time.perf_counter()
     summary = train(cfg)
-    # The stage is exported: its resume checkpoint (weights and optimiser state, 3 GB for SmolLM2) is not needed.
+    seconds = time.perf_counter() - started
+    # The stage is exported: its resume checkpoint (weights and optimiser state, GBs for SmolLM2) is not needed.
     shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
     record = {
         "steps": cfg.max_steps,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "loss": summary.loss,
         "data_options": cfg.data[0].options,
     }
