@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText
 
 from aki_demo.shapes import write_llava_json
 from aki_training.config import load_config
-from aki_training.train import free_port, train
+from aki_training.train import free_port, loss_sum, predicting_positions, train
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -172,6 +172,35 @@ def test_the_new_parts_learn_at_their_own_rate(tmp_path):
     assert moved["model.vision_tower.embeddings.patch_embedding.weight"] > 1e-3
     language = [name for name in moved if ".language_model." in name]
     assert language and max(moved[name] for name in language) < 1e-6
+
+
+def test_the_lm_head_on_the_answer_positions_gives_the_full_loss():
+    """Training keeps only the logits that predict a supervised token; the loss and its gradient are
+    those of the full logits."""
+    from helpers import chat
+    from PIL import Image
+
+    from aki.presets import build_tiny
+    from aki_training.encode import collate, encode_conversation
+
+    model, processor = build_tiny()
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    samples = [
+        encode_conversation(processor, chat("What colour is it?", "Red."), images[:1], 256),
+        encode_conversation(processor, chat("And this one, which colour?", "It is blue."), images[1:], 256),
+    ]
+    batch = collate(samples, processor.tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    positions = predicting_positions(labels)
+    assert 0 < len(positions) < labels.shape[1] // 2  # the answers, not the prompts
+    full = model(**batch).logits[:, :-1].float()
+    expected = torch.nn.functional.cross_entropy(
+        full.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+    kept = loss_sum(model(**batch, logits_to_keep=positions), labels, positions)
+    torch.testing.assert_close(kept, expected)
+    expected_grad = torch.autograd.grad(expected, model.lm_head.weight)[0]
+    torch.testing.assert_close(torch.autograd.grad(kept, model.lm_head.weight)[0], expected_grad)
 
 
 def test_packed_batches_give_the_same_losses_as_padded_ones(tmp_path):
