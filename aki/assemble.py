@@ -119,6 +119,9 @@ def from_parts(vision_model: str | dict, language_model: str, **config_overrides
             rows = min(target.shape[0], source.shape[0])
             kept = torch.tensor([i not in fresh for i in range(rows)])
             target[:rows][kept] = source[:rows][kept]
+        if config.connector_norm:  # image tokens start at the scale of the LM's words
+            words = language.get_input_embeddings().weight
+            model.model.connector.norm.weight.fill_(float(words.pow(2).mean(-1).sqrt().mean()))
     # A base model's EOS (e.g. Qwen2's <|endoftext|>) is not what the template ends answers with.
     eos = text_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]

@@ -33,6 +33,10 @@ class AkiConfig(PreTrainedConfig):
         text_config: the language model (Phi-3 by default; Llama, Qwen2, ... work the same way).
         connector_type: `"perceiver"` (Flamingo-style resampler, as in AKI-4B) or `"mlp"`
             (Linear-GELU-Linear on every patch, LLaVA-style).
+        connector_norm: the MLP connector ends in an RMSNorm, so image tokens keep one scale, the
+            language model's word-embedding scale (`aki.assemble.from_parts` starts the norm's weight
+            there). A fresh connector in front of a small pretrained LM otherwise drifts to image
+            tokens many times the norm of any word (docs/demo/experiments.md).
         perceiver_num_latents, perceiver_depth, perceiver_heads, perceiver_head_dim, perceiver_ff_mult:
             the resampler's shape; AKI-4B uses 144 latents, 6 layers, 8 heads x 64, feed-forward x4.
         image_token_id: the id of the image placeholder token.
@@ -61,6 +65,7 @@ class AkiConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     connector_type: Literal["perceiver", "mlp"] = "perceiver"
+    connector_norm: bool = False
     perceiver_num_latents: int = 144
     perceiver_depth: int = 6
     perceiver_heads: int = 8
@@ -84,6 +89,8 @@ class AkiConfig(PreTrainedConfig):
             raise ValueError("assistant_marker_ids must hold at least one token id.")
         if self.image_token_id in self.assistant_marker_ids:
             raise ValueError("image_token_id cannot also be an assistant marker token.")
+        if self.connector_norm and self.connector_type != "mlp":
+            raise ValueError("connector_norm needs connector_type='mlp' (the perceiver ends in its own LayerNorm).")
 
     @property
     def num_image_tokens(self) -> int:

@@ -146,9 +146,11 @@ class AkiMultiModalProjector(nn.Module):
         self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+        # Identity has no weights: checkpoints without the norm keep their keys.
+        self.norm = nn.RMSNorm(config.text_config.hidden_size, eps=1e-6) if config.connector_norm else nn.Identity()
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(image_features)))
+        return self.norm(self.linear_2(self.act(self.linear_1(image_features))))
 
 
 def refuse_flex_padded_generation_on_cpu(config: AkiConfig, attention_mask: torch.Tensor | None, device) -> None:

@@ -347,6 +347,7 @@ def processor_from_preset(name: str, config: AkiConfig | None = None) -> AkiProc
 
 CONNECTOR_FIELDS = (
     "connector_type",
+    "connector_norm",
     "perceiver_num_latents",
     "perceiver_depth",
     "perceiver_heads",

@@ -197,7 +197,21 @@ class AkiProcessor(ProcessorMixin):
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if images is not None:
             images = [load_image(image) for image in flatten_images(images)]
+        if text is not None and kwargs.get("add_special_tokens", True):
+            texts = [self.bos_before_image(t) for t in (text if isinstance(text, list | tuple) else [text])]
+            text = texts if isinstance(text, list | tuple) else texts[0]
         return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def bos_before_image(self, text: str) -> str:
+        """`text` with the tokenizer's BOS written first when it starts with an image and the tokenizer
+        adds no BOS of its own (SmolLM2's, for one). Position 0 is where a pretrained LM parks the
+        attention it does not use (the attention sink): an image there is hardly read at all."""
+        tokenizer = self.tokenizer
+        if not (isinstance(text, str) and text.startswith(self.image_token)) or tokenizer.bos_token is None:
+            return text
+        if tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+            return text
+        return tokenizer.bos_token + text
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens

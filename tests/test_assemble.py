@@ -3,6 +3,7 @@ pretrained SigLIP, or a fresh vision tower of a given config."""
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from reference.phi_tokenizer import phi_like_tokenizer
 from transformers import Phi3Config, Phi3ForCausalLM, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
@@ -99,3 +100,37 @@ def test_the_chat_format_follows_the_family_then_the_tokenizer():
     assert chat_format("mistral", speaking("<|assistant|>")) == "phi3"
     with pytest.raises(ValueError, match=r"none of .*<\|im_start\|>"):
         chat_format("gpt2", speaking("hello"))
+
+
+def test_the_connector_norm_starts_image_tokens_at_the_scale_of_the_words(tmp_path, images):
+    """connector_norm: the MLP connector ends in an RMSNorm whose weight starts at the LM's mean word
+    RMS, so every image token has a word's scale whatever the connector's weights; it survives a save."""
+    from helpers import save_tiny_qwen2
+    from transformers import AutoModelForImageTextToText
+
+    save_tiny_qwen2(tmp_path / "qwen2")
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 16}  # fmt: skip
+    model, processor = aki.assemble.from_parts(
+        vision, str(tmp_path / "qwen2"), connector_type="mlp", connector_norm=True
+    )
+    words = Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen2").get_input_embeddings().weight.detach()
+    word_rms = float(words.pow(2).mean(-1).sqrt().mean())  # over the LM's own words
+    assert torch.allclose(
+        model.model.connector.norm.weight, torch.full_like(model.model.connector.norm.weight, word_rms)
+    )
+    pixels = processor.image_processor(images[:2], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        model.model.connector.linear_2.weight.mul_(50)  # an 11x drift, as the unnormalised connector made
+        tokens = model.model.get_image_features(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(tokens.pow(2).mean(-1).sqrt(), torch.full(tokens.shape[:2], word_rms), rtol=1e-3, atol=0)
+
+    model.save_pretrained(tmp_path / "aki")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "aki")
+    assert loaded.config.connector_norm and torch.equal(
+        loaded.model.connector.norm.weight, model.model.connector.norm.weight
+    )
+    plain, _ = aki.assemble.from_parts(vision, str(tmp_path / "qwen2"), connector_type="mlp")
+    assert "model.connector.norm.weight" not in plain.state_dict()  # checkpoints without the norm keep their keys
+    with pytest.raises(StrictDataclassClassValidationError, match="connector_norm needs connector_type='mlp'"):
+        aki.AkiConfig(connector_type="perceiver", connector_norm=True)

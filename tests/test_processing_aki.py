@@ -34,6 +34,20 @@ def test_processor_expands_images_and_prepends_bos(tiny, images):
     assert inputs["pixel_values"].min() >= -1 and inputs["pixel_values"].max() <= 1
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_a_prompt_that_starts_with_an_image_gets_one_bos_first(preset, images):
+    """The image never takes position 0 (the attention sink): a tokenizer that adds its BOS keeps one
+    BOS, and `add_special_tokens=False` still means no special tokens at all."""
+    from aki.presets import processor_from_preset
+
+    processor = processor_from_preset(preset)
+    bos, image = processor.tokenizer.bos_token_id, processor.image_token_id
+    ids = processor(images=images[0], text="<image>A cat.")["input_ids"][0]
+    assert ids[0] == bos and ids[1] == image and ids.count(bos) == 1
+    assert processor(images=images[0], text="<image>A cat.", add_special_tokens=False)["input_ids"][0][0] == image
+    assert processor.bos_before_image("A cat.<image>") == "A cat.<image>"
+
+
 def test_placeholder_count_for_serving_engines_matches_the_processor(tiny, images):
     # `_get_num_multimodal_tokens` is how vLLM sizes an image's placeholders without running the processor.
     model, processor = tiny

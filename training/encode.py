@@ -160,7 +160,9 @@ def encode_caption(processor, image, caption: str, max_length: int, end_of_chunk
     if not caption:
         raise SampleError("empty_caption")
     tokenizer = processor.tokenizer
-    ids = tokenizer(processor.image_token + caption + end_of_chunk + tokenizer.eos_token)["input_ids"]
+    # BOS first even where the tokenizer adds none: an image at position 0 sits on the attention sink.
+    text = processor.bos_before_image(processor.image_token + caption + end_of_chunk + tokenizer.eos_token)
+    ids = tokenizer(text)["input_ids"]
     labels = [token if i > 0 and token != processor.image_token_id else IGNORE_INDEX for i, token in enumerate(ids)]
     ids, labels = expand_images(ids, labels, processor.image_token_id, processor.num_image_tokens)
     notes = Counter()
