@@ -33,14 +33,15 @@ class Shapes(Benchmark):
         source = ShapesSource(self.size, self.seed, stage="sft", **settings)
         records = []
         for index in range(len(source)):
-            item = source[index]["record"]
+            sample = source[index]
+            item = sample["record"]
             records.append(
                 Record(
                     index=str(index),
                     question=VQA_PROMPT.format(question=item["question"]),
                     answer=item["answer"],
                     images=[item["image"]],
-                    category=item["question"].split()[0].lower(),
+                    category=sample["kind"],
                 )
             )
         return records

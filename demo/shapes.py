@@ -21,7 +21,11 @@ CELL_NAMES = {
     3: ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"),
 }
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-QUESTION_KINDS = ("colour_at", "count_colour", "count_shape", "count_both")
+# Pick questions name one of 2-3 objects by one attribute and ask for another: the answer needs the
+# image and the question together (the SmolLM2 ablation). Scenes for them hold distinct colours and shapes.
+PICK_KINDS = ("by_position", "by_colour", "by_shape")
+QUESTION_KINDS = ("colour_at", "count_colour", "count_shape", "count_both", *PICK_KINDS)
+CHANCE = {"by_position": 100 / len(COLOURS), "by_colour": 100 / len(SHAPES), "by_shape": 100 / len(CELL_NAMES[2])}
 
 
 def draw_scene(objects: list[tuple[str, str, int]], size: int, grid: int = 2) -> Image.Image:
@@ -42,16 +46,28 @@ def draw_scene(objects: list[tuple[str, str, int]], size: int, grid: int = 2) ->
     return image
 
 
-def scene(seed: int, index: int, grid: int = 2, most: int = 3) -> list[tuple[str, str, int]]:
+def scene(
+    seed: int, index: int, grid: int = 2, most: int = 3, least: int = 1, distinct: bool = False
+) -> list[tuple[str, str, int]]:
+    """least..most objects in distinct cells; with `distinct`, no two share a colour or a shape."""
     rng = np.random.default_rng([seed, index])
-    count = int(rng.integers(1, most + 1))
+    count = int(rng.integers(least, most + 1))
     cells = rng.choice(grid * grid, size=count, replace=False)
+    if distinct:
+        colours = rng.choice(list(COLOURS), size=count, replace=False)
+        shapes = rng.choice(SHAPES, size=count, replace=False)
+        return [(str(c), str(s), int(cell)) for c, s, cell in zip(colours, shapes, cells, strict=True)]
     return [(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), int(cell)) for cell in cells]
 
 
-def caption_of(objects, grid: int = 2) -> str:
+def caption_of(objects, grid: int = 2, order: np.random.Generator | None = None) -> str:
+    """The objects in reading order, or in a random order drawn from `order` (a caption whose word
+    order gives the cells away teaches less about which image token holds which cell)."""
     names = CELL_NAMES[grid]
-    parts = [f"a {colour} {shape} in the {names[cell]}" for colour, shape, cell in sorted(objects, key=lambda o: o[2])]
+    listed = sorted(objects, key=lambda o: o[2])
+    if order is not None:
+        listed = [listed[i] for i in order.permutation(len(listed))]
+    parts = [f"a {colour} {shape} in the {names[cell]}" for colour, shape, cell in listed]
     return " and ".join(parts).capitalize() + "."
 
 
@@ -81,9 +97,15 @@ def question_kind(seed: int, index: int, kinds: tuple[str, ...]) -> str:
 def question_about(objects, index: int, seed: int, grid: int, kind: str) -> tuple[str, str]:
     """A (question, answer) pair of one kind about a scene from `scene`, deterministic per (seed, index)."""
     rng = np.random.default_rng([seed, index, 7])
-    if kind == "colour_at":
+    if kind in ("colour_at", "by_position"):
         colour, _, cell = objects[index % len(objects)]
         return f"What colour is the shape in the {CELL_NAMES[grid][cell]}?", colour
+    if kind == "by_colour":
+        colour, shape, _ = objects[index % len(objects)]
+        return f"What shape is the {colour} one?", shape
+    if kind == "by_shape":
+        _, shape, cell = objects[index % len(objects)]
+        return f"Where is the {shape}?", CELL_NAMES[grid][cell]
     if kind == "count_colour":
         colour = str(rng.choice(list(COLOURS)))
         return f"How many {colour} shapes are there?", NUMBERS[sum(o[0] == colour for o in objects)]
@@ -96,12 +118,15 @@ def question_about(objects, index: int, seed: int, grid: int, kind: str) -> tupl
 class ShapesSource:
     """`size` scenes; `stage` "pretrain" gives image-caption pairs, "sft" gives VQA task items.
 
-    `grid` is 2 (2x2 cells) or 3 (3x3), `most` the largest number of shapes in a scene, and
-    `kinds` the question kinds of the SFT items (see `QUESTION_KINDS`). "count_both" questions
-    ("How many red circles?") get scenes of their own, whose distractors share the target's
-    colour or shape but not both. `modality="text"` gives text-only SFT items instead: the scene
+    `grid` is 2 (2x2 cells) or 3 (3x3); a scene holds `least` to `most` shapes, with `distinct`
+    no two of one colour or one shape. `kinds` are the SFT items' question kinds (see
+    `QUESTION_KINDS`). "count_both" questions ("How many red circles?") get scenes of their own,
+    whose distractors share the target's colour or shape but not both. `shuffle` lists a caption's
+    objects in random order. `modality="text"` gives text-only SFT items instead: the scene
     described in words ("Scene: " and its caption), then the question, as an AKI prompt puts the
-    image before the question (the demo's language pre-training).
+    image before the question (the demo's language pre-training). `modality="blank"` keeps the
+    question and answer but draws no shape: the text-only baseline, which can learn only the
+    answers' priors.
     """
 
     def __init__(
@@ -114,11 +139,22 @@ class ShapesSource:
         most: int = 3,
         kinds: tuple[str, ...] = ("colour_at",),
         modality: str = "image",
+        least: int = 1,
+        distinct: bool = False,
+        shuffle: bool = False,
     ):
-        if modality not in ("image", "text") or (modality == "text" and stage != "sft"):
-            raise ValueError(f"modality must be 'image', or 'text' for SFT items; got {modality!r} for {stage!r}.")
+        if modality not in ("image", "text", "blank") or (modality != "image" and stage != "sft"):
+            raise ValueError(
+                f"modality must be 'image', or 'text'/'blank' for SFT items; got {modality!r} for {stage!r}."
+            )
+        if not 1 <= least <= most <= (min(len(COLOURS), len(SHAPES)) if distinct else grid * grid):
+            raise ValueError(f"least={least}, most={most} do not fit a {grid}x{grid} grid (distinct={distinct}).")
+        unknown = set(kinds) - set(QUESTION_KINDS)
+        if unknown:
+            raise ValueError(f"Unknown question kinds {sorted(unknown)}; choose from {QUESTION_KINDS}.")
         self.size, self.seed, self.image_size, self.stage = size, seed, image_size, stage
         self.grid, self.most, self.kinds, self.modality = grid, most, tuple(kinds), modality
+        self.least, self.distinct, self.shuffle = least, distinct, shuffle
 
     def __len__(self) -> int:
         return self.size
@@ -129,17 +165,20 @@ class ShapesSource:
             objects, colour, shape, count = conjunction_scene(self.seed, index, self.grid, self.most)
             question, answer = f"How many {colour} {shape}s are there?", NUMBERS[count]
         else:
-            objects = scene(self.seed, index, self.grid, self.most)
+            objects = scene(self.seed, index, self.grid, self.most, self.least, self.distinct)
         if self.stage == "pretrain":
-            return {"image": draw_scene(objects, self.image_size, self.grid), "text": caption_of(objects, self.grid)}
+            order = np.random.default_rng([self.seed, index, 3]) if self.shuffle else None
+            caption = caption_of(objects, self.grid, order)
+            return {"image": draw_scene(objects, self.image_size, self.grid), "text": caption}
         if kind != "count_both":
             question, answer = question_about(objects, index, self.seed, self.grid, kind)
         if self.modality == "text":
             described = f"Scene: {caption_of(objects, self.grid)}\n{question}"
             turns = [{"from": "human", "value": described}, {"from": "gpt", "value": answer}]
-            return {"task": "llava", "record": {"conversations": turns}, "image_root": None}
-        image = draw_scene(objects, self.image_size, self.grid)
-        return {"task": "vqa", "record": {"image": image, "question": question, "answer": answer}, "image_root": None}
+            return {"task": "llava", "record": {"conversations": turns}, "image_root": None, "kind": kind}
+        image = draw_scene([] if self.modality == "blank" else objects, self.image_size, self.grid)
+        record = {"image": image, "question": question, "answer": answer}
+        return {"task": "vqa", "record": record, "image_root": None, "kind": kind}
 
 
 def write_webdataset(folder: Path, shards: int, per_shard: int, seed: int = 0, image_size: int = 32) -> str:

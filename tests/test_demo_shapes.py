@@ -86,3 +86,67 @@ def test_conjunction_scenes_need_both_colour_and_shape():
         assert sorted(v for v in seen if v) == sorted(o[0] for o in objects)
         answers.add(count)
     assert answers == {0, 1, 2, 3}
+
+
+def test_pick_questions_name_one_object_and_ask_for_another():
+    """Each pick question names exactly one object of a 2-3 object scene (distinct colours and shapes),
+    and its answer is that object's other attribute, as the picture shows it."""
+    from aki_demo.shapes import CHANCE, PICK_KINDS
+
+    source = ShapesSource(300, 7, stage="sft", grid=2, least=2, most=3, distinct=True, kinds=PICK_KINDS)
+    kinds = set()
+    for index in range(300):
+        item = source[index]
+        question, answer, image = item["record"]["question"], item["record"]["answer"], item["record"]["image"]
+        objects = scene(7, index, 2, 3, least=2, distinct=True)
+        assert 2 <= len(objects) <= 3
+        assert len({o[0] for o in objects}) == len({o[1] for o in objects}) == len(objects)
+        seen = {cell: colour_at(image, cell, 2) for cell in range(4)}
+        assert {cell: colour for colour, _, cell in objects} == {c: v for c, v in seen.items() if v}
+        kinds.add(item["kind"])
+        if item["kind"] == "by_position":
+            cell = CELL_NAMES[2].index(question.removeprefix("What colour is the shape in the ").rstrip("?"))
+            assert answer == seen[cell]
+        elif item["kind"] == "by_colour":
+            colour = question.removeprefix("What shape is the ").removesuffix(" one?")
+            assert [o[1] for o in objects if o[0] == colour] == [answer]
+        else:
+            shape = question.removeprefix("Where is the ").rstrip("?")
+            (target,) = [o for o in objects if o[1] == shape]
+            assert answer == CELL_NAMES[2][target[2]] and seen[target[2]] == target[0]
+    assert kinds == set(PICK_KINDS) == set(CHANCE)
+    assert CHANCE == {"by_position": 25.0, "by_colour": 100 / 3, "by_shape": 25.0}
+
+
+def test_blank_items_keep_the_question_and_show_nothing():
+    pictured = ShapesSource(20, 2, stage="sft", least=2, distinct=True, kinds=("by_colour",))
+    blank = ShapesSource(20, 2, stage="sft", least=2, distinct=True, kinds=("by_colour",), modality="blank")
+    for index in range(20):
+        a, b = pictured[index]["record"], blank[index]["record"]
+        assert (a["question"], a["answer"]) == (b["question"], b["answer"])
+        assert np.asarray(b["image"]).std() == 0 and np.asarray(a["image"]).std() > 0
+
+
+def test_shuffled_captions_list_the_same_objects_in_another_order():
+    plain = ShapesSource(200, 1, most=3, distinct=True)
+    shuffled = ShapesSource(200, 1, most=3, distinct=True, shuffle=True)
+    reordered = 0
+    for index in range(200):
+        a, b = plain[index]["text"], shuffled[index]["text"]
+        assert sorted(a.lower().rstrip(".").split(" and ")) == sorted(b.lower().rstrip(".").split(" and "))
+        reordered += a != b
+    assert reordered > 30  # 2- and 3-object scenes, reordered about half the time or more
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kinds": ("by_size",)}, "Unknown question kinds"),
+        ({"least": 3, "most": 2}, "least=3, most=2"),
+        ({"most": 4, "distinct": True}, "distinct=True"),
+        ({"modality": "blank", "stage": "pretrain"}, "modality"),
+    ],
+)
+def test_impossible_options_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        ShapesSource(4, 0, **{"stage": "sft", **options})
