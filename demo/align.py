@@ -26,12 +26,11 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
 from .shapes import COLOURS, SHAPES, ShapesSource, draw_scene
-from .tower import pixel_values
+from .tower import load_stage_config, pixel_values
 
 logger = logging.getLogger("aki_demo.align")
 CONFIG = resources.files("aki_demo") / "configs" / "demo_smollm2_align.yaml"
@@ -144,8 +143,11 @@ def train_alignment(model, processor, config: dict) -> dict:
     return {"config": config, "loss": losses[-1], "seconds": time.perf_counter() - started, "nearest_word": nearest}
 
 
+ALIGN_KEYS = frozenset({"connector", "data", "scenes", "steps", "batch", "lr", "temperature", "seed"})
+
+
 def load_config(path=CONFIG, **overrides) -> dict:
-    return {**yaml.safe_load(Path(path).read_text()), **overrides}
+    return load_stage_config(path, ALIGN_KEYS, overrides)
 
 
 def aligned_model(vision_model: Path, language_model: Path, out: Path, config_path=CONFIG, **overrides) -> dict:

@@ -104,8 +104,22 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
+TOWER_KEYS = frozenset({"vision", "data", "scenes", "steps", "batch", "lr", "warmup", "seed"})
+
+
+def load_stage_config(path, keys: frozenset, overrides: dict | None = None) -> dict:
+    """A demo stage's YAML config with `overrides`; a missing or unknown key is one line naming the file."""
+    config = {**yaml.safe_load(Path(path).read_text()), **(overrides or {})}
+    unknown, missing = config.keys() - keys, keys - config.keys()
+    if unknown or missing:
+        raise ValueError(
+            f"{path}: unknown key(s) {sorted(unknown)}, missing key(s) {sorted(missing)}; known: {sorted(keys)}"
+        )
+    return config
+
+
 def load_config(path=CONFIG) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+    return load_stage_config(path, TOWER_KEYS)
 
 
 def train_tower(config: dict, out: Path) -> dict:

@@ -198,10 +198,17 @@ def test_every_config_loads_and_unknown_keys_are_refused():
 
     from aki_training.config import load_config
 
+    from aki_demo import align, tower
+
     repository = Path(__file__).resolve().parent.parent
     root = repository / "configs"
+    stages = {"demo_smollm2_tower": tower.load_config, "demo_smollm2_align": align.load_config}  # not training runs
     paths = [*root.glob("*.yaml"), *(repository / "demo" / "configs").glob("*.yaml")]
-    configs = {path.stem: load_config(path) for path in paths}
+    configs = {path.stem: load_config(path) for path in paths if path.stem not in stages}
+    for name, load_stage in stages.items():
+        assert load_stage(repository / "demo" / "configs" / f"{name}.yaml")["steps"] > 0
+    with pytest.raises(ValueError, match=r"demo_smollm2_align.yaml: unknown key\(s\) \['stepz'\]"):
+        align.load_config(repository / "demo" / "configs" / "demo_smollm2_align.yaml", stepz=3)
     assert {"tiny_pretrain", "tiny_sft", "aki4b_pretrain", "aki4b_sft", "demo_sft"} <= configs.keys()
     for name, config in configs.items():  # every generated source is importable and gives items
         for source in (s for s in config.data if s.kind == "python"):
