@@ -26,7 +26,7 @@ VLLM_LOCK := requirements-vllm.lock
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-latest lock lint clean smollm2 vllm lock-vllm ablation-smollm2
+.PHONY: demo demo-check test test-latest lock lint clean smollm2 vllm lock-vllm ablation-smollm2
 
 # install VENV LOCKFILE: a new virtualenv holding exactly the lock's pins (--no-deps: the lock is the whole
 # resolution), aki itself editable, and lmms-eval.
@@ -50,6 +50,12 @@ $(STAMP): $(LOCK) pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m aki_demo
+
+# CI's check that the published demo figures (docs/demo/results.md, which the README's table is tested
+# against) are what `make demo` prints on the lock: a commit that moves a trained number updates them too.
+demo-check: demo
+	@diff -u docs/demo/results.md outputs/demo/results.md || { echo "make demo printed other figures than \
+	docs/demo/results.md (the README's): copy outputs/demo/results.md there and update the README." >&2; exit 1; }
 
 # .venv-vllm: exactly the vLLM lock's pins, then aki editable (without its requirements: the lock holds them).
 $(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml

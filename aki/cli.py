@@ -7,6 +7,7 @@ aki serve --model DIR [--host 127.0.0.1] [--port 8000]        # OpenAI-compatibl
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -128,6 +129,32 @@ def main(argv: list[str] | None = None) -> None:
         "--max-image-pixels", type=int, help="the most pixels one image may have (default: 40 million)"
     )
     serve_parser.add_argument(
+        "--limit-mm-per-prompt",
+        type=mm_limits,
+        metavar="JSON",
+        help="the most images one request may hold, as vLLM takes it: '{\"image\": 8}' (the default)",
+    )
+    serve_parser.add_argument(
+        "--max-request-image-pixels",
+        type=int,
+        help="the most pixels all images of one request may have together (default: 80 million)",
+    )
+    serve_parser.add_argument(
+        "--image-fetch-timeout",
+        type=float,
+        help="seconds a remote image may take in all, redirects included (default: 10)",
+    )
+    serve_parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        help="the largest request body; larger ones get a 413 unread (default: the largest image as data URL + 4 MiB)",
+    )
+    serve_parser.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests bring their own chat template (chat_template_kwargs.chat_template); default: refused",
+    )
+    serve_parser.add_argument(
         "--api-key",
         default=os.environ.get("AKI_API_KEY"),
         help="require 'Authorization: Bearer KEY' on every route but /health (default: $AKI_API_KEY; none: open)",
@@ -140,18 +167,38 @@ def main(argv: list[str] | None = None) -> None:
     run_command(lambda: run(args), args.debug)
 
 
+def mm_limits(text: str) -> int:
+    """`--limit-mm-per-prompt` as vLLM writes it, '{"image": N}': N. AKI reads no other modality."""
+    try:
+        limits = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"give JSON such as '{{\"image\": 4}}': {error}") from error
+    if not (isinstance(limits, dict) and set(limits) == {"image"} and isinstance(limits["image"], int)):
+        raise argparse.ArgumentTypeError(f"give the image count alone, as '{{\"image\": 4}}'; got {text!r}")
+    if limits["image"] < 0:
+        raise argparse.ArgumentTypeError(f"the image count must be 0 or more; got {limits['image']}")
+    return limits["image"]
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "serve":
         from .serving import build_app, media_policy, serve
 
-        limits = {"max_bytes": args.max_image_bytes, "max_pixels": args.max_image_pixels}
+        limits = {
+            "max_bytes": args.max_image_bytes,
+            "max_pixels": args.max_image_pixels,
+            "max_images": args.limit_mm_per_prompt,
+            "max_request_pixels": args.max_request_image_pixels,
+            "timeout_s": args.image_fetch_timeout,
+        }
         media = media_policy(
             args.allowed_local_media_path,
             args.allow_remote_images,
             args.allowed_media_domains,
             **{name: value for name, value in limits.items() if value is not None},
         )
-        serve(build_app(args.model, media, args.api_key), args.host, args.port)
+        app = build_app(args.model, media, args.api_key, args.trust_request_chat_template, args.max_request_bytes)
+        serve(app, args.host, args.port)
         return
     model, processor = load(args.model)
     if args.command == "attention":

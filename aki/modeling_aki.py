@@ -196,6 +196,18 @@ class AkiPreTrainedModel(PreTrainedModel):
         # alone, so the guard is not needed and each sub-model's own `_init_weights` runs.
         return False
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A folder that carries its code (`import aki` registers the classes for it) serves AutoModel and
+        # AutoModelForImageTextToText alike, as the local registration does; transformers records only the saved class.
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            models = {
+                "AutoModel": f"{module}.AkiModel",
+                "AutoModelForImageTextToText": f"{module}.AkiForConditionalGeneration",
+            }
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **models}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         # Sub-models (vision tower, language model) are dispatched to their own `_init_weights` by
         # `initialize_weights`; this one sees AKI's own modules only.
@@ -392,9 +404,11 @@ class AkiForConditionalGeneration(AkiPreTrainedModel, GenerationMixin):
     ) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, tokenizer=None, **kwargs):
         refuse_flex_padded_generation_on_cpu(self.config, kwargs.get("attention_mask"), self.device)
-        return super().generate(*args, **kwargs)
+        # Stop strings read a tokenizer's vocabulary; callers holding an AkiProcessor (transformers' server) pass it.
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        return super().generate(*args, tokenizer=tokenizer, **kwargs)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

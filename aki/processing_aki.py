@@ -92,13 +92,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB. 16-bit integer modes keep their scale (PIL's own conversion clips them to white),
     float modes go through `array_to_rgb`, and transparency is composited onto white."""
     if image.mode.startswith("I"):  # "I;16*" and "I" (how PIL opens 16-bit PNGs)
-        return array_to_rgb(np.asarray(image).astype(np.int64).clip(0, 65535).astype(np.uint16))
+        array = np.asarray(image)
+        return array_to_rgb(array if array.dtype == np.uint16 else np.clip(array, 0, 65535).astype(np.uint16))
     if image.mode == "F":
         return array_to_rgb(np.asarray(image))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+# round(x / 257) for every 16-bit value: 257 is odd, so no x / 257 falls on a half and (x + 128) // 257 is it.
+UINT16_TO_UINT8 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 
 
 def array_to_rgb(array) -> Image.Image:
@@ -120,7 +125,7 @@ def array_to_rgb(array) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.dtype == np.uint16:
-        array = (array / 257.0).round()
+        array = UINT16_TO_UINT8[array]  # round(x / 257), with no wide copy of a large image
     elif np.issubdtype(array.dtype, np.floating):
         if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
             raise ValueError(
@@ -193,6 +198,14 @@ class AkiProcessor(ProcessorMixin):
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {image_token!r} token; add it as a special token.")
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def save_pretrained(self, *args, **kwargs):
+        # transformers writes `auto_map` (from the registration `import aki` makes) onto the processor it saves:
+        # it belongs in the file, not on this object, which must stay equal to one loaded from that file.
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self.__dict__.pop("auto_map", None)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if images is not None:

@@ -7,12 +7,16 @@ through that package's classes:
 - `AkiModelLoader`: transformers' loader finds a model class by looking its architecture name up in
   transformers' own tables, which `AutoModelForImageTextToText.register` (done by `import aki`) does
   not reach. This loader loads AKI through the registered Auto class.
-- `AkiChatCompletionHandler`: reads every image of a request under the server's `MediaPolicy` and
-  checks that each has its `<image>` place in the prompt, so a bad request gets a 4xx saying what is
-  wrong instead of a 500. The prompt is the chat template's, as in `aki chat`: each image sits in the
-  user turn of its question, so MMA lets the image's tokens see that question.
+- `AkiChatCompletionHandler`: checks a request before the model sees it: its fields against OpenAI's
+  ranges and what a client may set (`check_generation_fields`: no chat template from the request
+  unless the server trusts them, sampling settings only), its images under the server's
+  `MediaPolicy` (`aki.media`), each image's `<image>` place in the prompt, and an answer that fits the
+  context left. A bad request gets a 4xx saying what is wrong instead of a 500. The prompt is the
+  chat template's, as in `aki chat`: each image sits in the user turn of its question, so MMA lets
+  the image's tokens see that question.
 - `RequestGate`: what the server answers before transformers' app sees a request: `/health` always,
-  the two served routes only with the API key (when one is set), nothing else.
+  the two served routes only with the API key (when one is set) and a body under the size limit,
+  nothing else; and whether the client is still there, so reading its images stops when it hangs up.
 
 transformers' server package is internal and changes shape between releases (5.25 moved the model
 into its own process and renamed its model ids' parser), so this module runs on the releases it was
@@ -26,28 +30,20 @@ Errors are OpenAI's error object: `{"error": {"message", "type", "param", "code"
 """
 
 import asyncio
-import base64
-import binascii
 import hmac
-import http.client
-import io
 import json
-import re
-import time
-import urllib.parse
-import urllib.request
-from dataclasses import dataclass
+from contextvars import ContextVar
 from pathlib import Path
 
 import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 from transformers.utils.import_utils import is_serve_available
 
 from .configuration_aki import AkiConfig
-from .processing_aki import ImageTooLarge, load_image
+from .media import MediaPolicy, MediaReader, RequestError
 
 SUPPORTED_TRANSFORMERS = ">=5.25,<5.26"
 
@@ -67,234 +63,113 @@ if not is_serve_available():
 from transformers.cli.serving.chat_completion import ChatCompletionHandler  # noqa: E402
 from transformers.cli.serving.model_manager import ModelLoader, ModelManager  # noqa: E402
 from transformers.cli.serving.server import build_server  # noqa: E402
-from transformers.cli.serving.utils import GenerationState, Modality, parse_model_id  # noqa: E402
+from transformers.cli.serving.utils import GenerationState, Modality, parse_model_id, prompt_length  # noqa: E402
 
-# The part types transformers' chat handler reads as text and as images (Chat Completions and Responses names).
-TEXT_PARTS = ("text", "input_text", "output_text")
-IMAGE_PARTS = ("image_url", "input_image")
 SERVED_ROUTES = ("/v1/chat/completions", "/v1/models")
-URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-READ_CHUNK_BYTES = 1 << 16
+# What a request may set beyond the Chat Completions fields: the chat template's own arguments (a template
+# of the request's own only with --trust-request-chat-template), and `generate()`'s sampling settings.
+TEMPLATE_KWARGS = ("image_separator",)
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "do_sample", "repetition_penalty")
+# Set by RequestGate for each request it passes on: an event set once the client has hung up.
+CLIENT_GONE: ContextVar[asyncio.Event | None] = ContextVar("aki_client_gone", default=None)
 
 
-@dataclass(frozen=True)
-class MediaPolicy:
-    """Which images a request may name, and how large they may be.
-
-    local_root: the folder whose files (after symlinks and `..` are resolved) a path or `file://` URL
-        may name; None: no local file is read.
-    allow_remote: fetch http(s) URLs; `allowed_domains`, when set, the only host names fetched.
-    max_bytes: the most bytes one image may take, encoded (data URL, file or response body).
-    max_pixels: the most pixels one image may have, read from its header before it is decoded.
-    timeout_s: the longest a remote image may take to arrive, in all.
-    """
-
-    local_root: Path | None = None
-    allow_remote: bool = False
-    allowed_domains: frozenset[str] | None = None
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    timeout_s: float = 10.0
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-class RequestError(Exception):
-    """A request the server refuses; answered with `status` and OpenAI's error object."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status = message, param, code, status
-
-    def body(self) -> dict:
-        kind = "authentication_error" if self.status == 401 else "invalid_request_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+def check_range(body: dict, name: str, low: float, high: float, low_open: bool = False) -> None:
+    """A request field, when given, is a number in [low, high] ((low, high] with `low_open`), or a 400 naming it."""
+    value = body.get(name)
+    if value is None:
+        return
+    if not (is_number(value) and (low < value if low_open else low <= value) and value <= high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise RequestError(f"`{name}` must be a number in {interval}; got {value!r}.", param=name)
 
 
-def too_large(name: str, policy: MediaPolicy, param: str) -> RequestError:
-    return RequestError(
-        f"{name} is larger than this server's limit of {policy.max_bytes} bytes (--max-image-bytes).",
-        param=param,
-        code="image_too_large",
-    )
+def check_positive_integer(body: dict, name: str) -> None:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise RequestError(f"`{name}` must be a positive integer; got {value!r}.", param=name)
 
 
-def open_image(source, name: str, policy: MediaPolicy, param: str) -> Image.Image:
-    """A path or a file object -> RGB as the processor reads any image (`load_image`: 16-bit, alpha),
-    decoded now so a truncated file fails here."""
-    try:
-        return load_image(source, max_pixels=policy.max_pixels)
-    except ImageTooLarge as error:
-        message = f"{name} has too many pixels: {error} (--max-image-pixels)"
-        raise RequestError(message, param=param, code="image_too_large") from error
-    except ValueError as error:
-        cause = error.__cause__
-        # PIL's own message names the file object, not the request's image.
-        reason = "no image format PIL reads." if isinstance(cause, UnidentifiedImageError) else str(cause or error)
-        raise RequestError(f"{name} is not a readable image: {reason}", param=param, code="invalid_image") from error
-
-
-def read_data_url(url: str, policy: MediaPolicy, param: str) -> Image.Image:
-    header, _, payload = url.partition(",")
-    if not header.endswith(";base64"):
-        message = "An image data URL must be base64: data:image/png;base64,<data>."
-        raise RequestError(message, param=param, code="invalid_image")
-    if len(payload) * 3 // 4 > policy.max_bytes:  # before decoding it
-        raise too_large("The image data URL", policy, param)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except binascii.Error as error:
-        message = f"The image data URL is not valid base64: {error}"
-        raise RequestError(message, param=param, code="invalid_image") from error
-    return open_image(io.BytesIO(data), "The image data URL", policy, param)
-
-
-def check_remote_url(url: str, policy: MediaPolicy, param: str) -> None:
-    """Refuse a URL (the request's, or a redirect's) that is not http(s) or whose host is not allowed."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise RequestError(f"Image URL {url!r} is not http(s).", param=param, code="unsupported_url_scheme")
-    host = (parts.hostname or "").lower()
-    if policy.allowed_domains is not None and host not in policy.allowed_domains:
-        raise RequestError(
-            f"Image URL {url!r} is on {host!r}, which is not among this server's --allowed-media-domains.",
-            param=param,
-            code="media_domain_not_allowed",
-        )
-
-
-def fetch_remote(url: str, policy: MediaPolicy, param: str) -> bytes:
-    """The body at `url`, read until `policy.max_bytes` or `policy.timeout_s` (in all) runs out; every
-    redirect is checked as the URL was."""
-
-    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, request, fp, code, msg, headers, newurl):
-            check_remote_url(newurl, policy, param)
-            return super().redirect_request(request, fp, code, msg, headers, newurl)
-
-    deadline = time.monotonic() + policy.timeout_s
-    opener = urllib.request.build_opener(CheckedRedirects)
-    try:
-        with opener.open(url, timeout=policy.timeout_s) as response:
-            declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
-                raise too_large(f"The image at {url!r}", policy, param)
-            body = bytearray()
-            while chunk := response.read(READ_CHUNK_BYTES):
-                body += chunk
-                if len(body) > policy.max_bytes:
-                    raise too_large(f"The image at {url!r}", policy, param)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"it took more than {policy.timeout_s:g} s")
-            return bytes(body)
-    except (OSError, ValueError, http.client.HTTPException) as error:  # URLError and timeouts are OSErrors
-        raise RequestError(f"Cannot fetch image {url!r}: {error}", param=param, code="image_not_found") from error
-
-
-def local_file(url: str, policy: MediaPolicy, param: str) -> Path:
-    """The file a path or `file://` URL names, if it lies in `policy.local_root` once resolved.
-
-    Every refusal is one answer, the same whether the file is missing, outside the folder, or
-    reached through a symlink or `..` that leads out: a client learns nothing of other files.
-    """
-    if policy.local_root is None:  # the file system is not touched
-        raise RequestError(
-            "This server reads no image files of its own: send the image as a data URL, or start aki serve "
-            "with --allowed-local-media-path DIR.",
-            param=param,
-            code="local_media_disabled",
-        )
-    path = policy.local_root / (urllib.parse.unquote(url.removeprefix("file://")) if url.startswith("file://") else url)
-    resolved = path.resolve()
-    if not (resolved.is_relative_to(policy.local_root) and resolved.is_file()):
-        raise RequestError(
-            "No image file at that path in the folder this server reads images from (--allowed-local-media-path).",
-            param=param,
-            code="image_not_found",
-        )
-    return resolved
-
-
-def read_image(url: str, param: str, policy: MediaPolicy) -> Image.Image:
-    """An `image_url` -> an RGB image: a base64 data URL, a path or `file://` URL in the allowed folder
-    (relative paths are taken from it), or an http(s) URL when the policy fetches them."""
-    if url.startswith("data:"):
-        return read_data_url(url, policy, param)
-    if url.startswith(("http://", "https://")):
-        if not policy.allow_remote:
-            raise RequestError(
-                f"Remote image {url!r} is not fetched: send the image as a data URL, or start the server with "
-                "--allow-remote-images.",
-                param=param,
-                code="remote_image_disabled",
-            )
-        check_remote_url(url, policy, param)
-        return open_image(io.BytesIO(fetch_remote(url, policy, param)), f"The image at {url!r}", policy, param)
-    if URL_SCHEME.match(url) and not url.startswith("file://"):
-        message = f"Image URL {url!r}: AKI reads data:, http(s):// and file:// URLs and paths."
-        raise RequestError(message, param=param, code="unsupported_url_scheme")
-    path = local_file(url, policy, param)
-    if path.stat().st_size > policy.max_bytes:
-        raise too_large("The image file", policy, param)
-    return open_image(path, f"The file {url!r}", policy, param)
-
-
-def image_url(part: dict, param: str) -> str:
-    """The URL of an `image_url` part: `{"image_url": {"url": ...}}`, or `{"image_url": ...}` (Responses API)."""
-    url = part.get("image_url")
-    if isinstance(url, dict):
-        url = url.get("url")
-    if not isinstance(url, str):
-        raise RequestError("An image_url part needs an `image_url.url` string.", param=param)
-    return url
-
-
-def with_images_read(messages, policy: MediaPolicy) -> list[dict]:
-    """OpenAI chat messages with every `image_url` part's URL replaced by its decoded image.
-
-    Checks the shape transformers' handler reads without checking: a list of messages, each with a
-    role and a string or a list of typed parts.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("`messages` must be a non-empty list of messages.", param="messages")
-    read = []
-    for index, message in enumerate(messages):
-        param = f"messages[{index}]"
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RequestError(f"{param} must be an object with a `role`.", param=param)
-        content = message.get("content")
-        if content is None or isinstance(content, str):
-            read.append(message)
-            continue
-        if not isinstance(content, list):
-            raise RequestError(f"{param}.content must be a string or a list of parts.", param=f"{param}.content")
-        parts = []
-        for part_index, part in enumerate(content):
-            part_param = f"{param}.content[{part_index}]"
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise RequestError(f"{part_param} must be an object with a `type`.", param=part_param)
-            if part["type"] in TEXT_PARTS and not isinstance(part.get("text"), str):
-                raise RequestError(f"{part_param} is a text part without a `text` string.", param=part_param)
-            if part["type"] in IMAGE_PARTS:
-                image = read_image(image_url(part, part_param), part_param, policy)
-                part = {"type": part["type"], "image_url": {"url": image}}
-            elif part["type"] not in TEXT_PARTS:
+def check_generation_fields(body: dict, trust_request_chat_template: bool) -> None:
+    """Refuse, naming the field, what a request may not set or sets out of OpenAI's ranges."""
+    check_range(body, "temperature", 0, 2)
+    check_range(body, "top_p", 0, 1, low_open=True)
+    check_range(body, "frequency_penalty", -2, 2)
+    for name in ("n", "max_tokens", "max_completion_tokens"):
+        check_positive_integer(body, name)
+    if (body.get("n") or 1) > 1:
+        raise RequestError("`n` > 1 is not served: send one request per completion.", param="n", code="unsupported")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (
+        isinstance(stops, list) and 0 < len(stops) <= 4 and all(isinstance(s, str) and s for s in stops)
+    ):
+        raise RequestError("`stop` must be a non-empty string or a list of 1 to 4 of them.", param="stop")
+    template_kwargs = body.get("chat_template_kwargs")
+    if template_kwargs is not None:
+        if not isinstance(template_kwargs, dict):
+            raise RequestError("`chat_template_kwargs` must be an object.", param="chat_template_kwargs")
+        allowed = (*TEMPLATE_KWARGS, "chat_template") if trust_request_chat_template else TEMPLATE_KWARGS
+        for name, value in template_kwargs.items():
+            param = f"chat_template_kwargs.{name}"
+            if name not in allowed:
+                trust = " unless aki serve runs with --trust-request-chat-template" if name == "chat_template" else ""
                 raise RequestError(
-                    f"{part_param} is a {part['type']!r} part; AKI reads text and image_url parts.",
-                    param=part_param,
-                    code="unsupported_content",
+                    f"`{param}` is not taken{trust}; a request may set {', '.join(allowed)}.", param=param
                 )
-            parts.append(part)
-        read.append({**message, "content": parts})
-    return read
+            if not isinstance(value, str):
+                raise RequestError(f"`{param}` must be a string.", param=param)
+    if body.get("generation_config") is not None:
+        check_sampling_settings(body["generation_config"])
 
 
-def check_image_places(processor, messages: list[dict]) -> None:
+def check_sampling_settings(settings) -> None:
+    """`generation_config` (a JSON object in a string): sampling settings only, none negative."""
+    try:
+        settings = json.loads(settings) if isinstance(settings, str) else None
+    except json.JSONDecodeError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise RequestError("`generation_config` must be a JSON object in a string.", param="generation_config")
+    for name, value in settings.items():
+        param = f"generation_config.{name}"
+        if name not in SAMPLING_FIELDS:
+            raise RequestError(f"`{param}` is not taken; a request may set {', '.join(SAMPLING_FIELDS)}.", param=param)
+        valid = isinstance(value, bool) if name == "do_sample" else is_number(value) and value >= 0
+        if not valid or (name == "top_k" and not isinstance(value, int)):
+            raise RequestError(f"`{param}` is out of range: {value!r}.", param=param)
+
+
+async def unless_client_gone(awaitable):
+    """`awaitable`'s result, or a 499 once the client has hung up (`CLIENT_GONE`), `awaitable` then cancelled."""
+    task = asyncio.ensure_future(awaitable)
+    gone = CLIENT_GONE.get()
+    if gone is None:
+        return await task
+    waiter = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():  # the client hung up, or this request was cancelled (by the app, on a disconnect)
+            task.cancel()
+    if not task.done():
+        raise RequestError("The client closed the connection.", code="client_gone", status=499)
+    return task.result()
+
+
+def check_image_places(processor, messages: list[dict], **template_kwargs) -> None:
     """Every image needs its own `<image>` in the prompt the chat template renders, and every `<image>`
     an image. `messages` are the processor's (`{"type": "image"}` parts)."""
     images = sum(
         part["type"] == "image" for message in messages if isinstance(message["content"], list)
         for part in message["content"]
     )  # fmt: skip
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
     places = prompt.count(processor.image_token)
     if images > places:
         raise RequestError(
@@ -332,11 +207,12 @@ class AkiModelLoader(ModelLoader):
 
 
 class AkiChatCompletionHandler(ChatCompletionHandler):
-    """transformers' `/v1/chat/completions`, with the request's model and images checked first."""
+    """transformers' `/v1/chat/completions`, with the request checked first: its model, its fields
+    (`check_generation_fields`), its images (`MediaReader`), and an answer that fits the context left."""
 
-    def __init__(self, *args, media: MediaPolicy, **kwargs):
+    def __init__(self, *args, media: MediaReader, trust_request_chat_template: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.media = media
+        self.media, self.trust_request_chat_template = media, trust_request_chat_template
 
     async def handle_request(self, body: dict, request_id: str):
         self._validate_request(body)
@@ -348,14 +224,39 @@ class AkiChatCompletionHandler(ChatCompletionHandler):
                 code="model_not_found",
                 status=404,
             )
-        # Off the event loop: decoding (or fetching) images must not stall the other requests' streams.
-        messages = await asyncio.to_thread(with_images_read, body.get("messages"), self.media)
-        return await super().handle_request({**body, "messages": messages}, request_id)
+        check_generation_fields(body, self.trust_request_chat_template)
+        body = {**body, "messages": await unless_client_gone(self.media.read_messages(body.get("messages")))}
+        # From here on as transformers' handler, with the answer's length fitted to the context.
+        engine = self.model_manager.get_engine(served)
+        inputs = await self.run_in_thread(self.render_messages, engine, body["messages"], body)
+        generation_kwargs = self._build_generation_kwargs(body, engine.generation_config)
+        self._check_prompt_length(engine, inputs)
+        self.fit_answer(engine, inputs, body, generation_kwargs)
+        self._log_request(request_id, engine, inputs, generation_kwargs, body.get("stream"), body)
+        if body.get("stream"):
+            tools, stream_options = body.get("tools"), body.get("stream_options")
+            return self._streaming(request_id, engine, inputs, generation_kwargs, tools, stream_options)
+        return await self._non_streaming(request_id, engine, inputs, generation_kwargs, tools=body.get("tools"))
+
+    def fit_answer(self, engine, inputs: dict, body: dict, generation_kwargs: dict) -> None:
+        """An asked-for answer longer than the context left after the prompt is a 400; the default is cut to it."""
+        limit = self.generation_state.context_length(engine.model_config)
+        if limit is None:
+            return
+        left = limit - prompt_length(inputs)
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        if body.get(name) is not None and body[name] > left:
+            raise RequestError(
+                f"`{name}` is {body[name]}, but the model's context ({limit} tokens) leaves {left} after this prompt.",
+                param=name,
+            )
+        generation_kwargs["max_new_tokens"] = min(generation_kwargs["max_new_tokens"], left)
 
     def render_messages(self, engine, messages: list[dict], body: dict) -> dict:
         # transformers tells a model's modality from its own class tables, which do not list AKI: an image-text model.
         processor_inputs = self.get_processor_inputs_from_messages(messages, Modality.VLM)
-        check_image_places(engine.processor, processor_inputs)
+        template_kwargs = self._chat_template_kwargs(body)
+        check_image_places(engine.processor, processor_inputs, **template_kwargs)
         return engine.processor.apply_chat_template(
             processor_inputs,
             add_generation_prompt=True,
@@ -363,17 +264,19 @@ class AkiChatCompletionHandler(ChatCompletionHandler):
             return_tensors="pt",
             return_dict=True,
             tokenize=True,
-            **self._chat_template_kwargs(body),
+            **template_kwargs,
         )
 
 
 class RequestGate:
     """ASGI middleware in front of transformers' app: `/health` is open; every other route needs
     `Authorization: Bearer <api_key>` when a key is set (401 otherwise), and only `SERVED_ROUTES` are
-    answered (404 otherwise: transformers' other endpoints, `/load_model` and `/reset` included)."""
+    answered (404 otherwise: transformers' other endpoints, `/load_model` and `/reset` included). A
+    body over `max_body_bytes` is a 413 before any of it is parsed. While the app works on a request,
+    `CLIENT_GONE` tells whether its client has hung up."""
 
-    def __init__(self, app, api_key: str | None):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
 
     def authorized(self, scope) -> bool:
         if self.api_key is None:
@@ -385,20 +288,72 @@ class RequestGate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] == "/health":
             return await self.app(scope, receive, send)
-        from fastapi.responses import JSONResponse
-
         if not self.authorized(scope):
             error = RequestError(
                 "Missing or wrong API key: send `Authorization: Bearer <key>` (the key aki serve was started with).",
                 code="invalid_api_key",
                 status=401,
             )
-            headers = {"WWW-Authenticate": "Bearer"}
-            return await JSONResponse(error.body(), status_code=401, headers=headers)(scope, receive, send)
+            return await refuse(scope, receive, send, error, {"WWW-Authenticate": "Bearer"})
         if scope["path"] not in SERVED_ROUTES:
-            error = RequestError(f"aki serve answers {', '.join(SERVED_ROUTES)} and /health only.", code="not_served")
-            return await JSONResponse(error.body(), status_code=404)(scope, receive, send)
-        return await self.app(scope, receive, send)
+            message = f"aki serve answers {', '.join(SERVED_ROUTES)} and /health only."
+            return await refuse(scope, receive, send, RequestError(message, code="not_served", status=404))
+        body = await self.read_body(scope, receive)
+        if body is None:
+            error = RequestError(
+                f"The request body is larger than this server's limit of {self.max_body_bytes} bytes "
+                "(--max-request-bytes).",
+                code="request_too_large",
+                status=413,
+            )
+            return await refuse(scope, receive, send, error, {"Connection": "close"})
+        await self.pass_on(scope, receive, send, body)
+
+    async def read_body(self, scope, receive) -> bytes | None:
+        """The whole body, or None once it is over `max_body_bytes` (by its Content-Length, or while read)."""
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return None
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                return bytes(body)
+
+    async def pass_on(self, scope, receive, send, body: bytes) -> None:
+        """The app gets `body` in one message, while a watcher reads on and sets `CLIENT_GONE` at the disconnect."""
+        gone = asyncio.Event()
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        token = CLIENT_GONE.set(gone)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            CLIENT_GONE.reset(token)
+            watcher.cancel()
+
+
+async def refuse(scope, receive, send, error: RequestError, headers: dict | None = None) -> None:
+    from fastapi.responses import JSONResponse
+
+    await JSONResponse(error.body(), status_code=error.status, headers=headers)(scope, receive, send)
 
 
 def add_error_handlers(app) -> None:
@@ -462,16 +417,32 @@ def media_policy(
     return MediaPolicy(local_root=root, allow_remote=allow_remote_images, allowed_domains=domains, **limits)
 
 
-def build_app(model_dir: str, media: MediaPolicy | None = None, api_key: str | None = None):
-    """transformers' FastAPI app serving the AKI folder `model_dir` (its process started now), named as given."""
+def build_app(
+    model_dir: str,
+    media: MediaPolicy | None = None,
+    api_key: str | None = None,
+    trust_request_chat_template: bool = False,
+    max_request_bytes: int | None = None,
+):
+    """transformers' FastAPI app serving the AKI folder `model_dir` (its process started now), named as given.
+    `max_request_bytes` defaults to the largest image as a data URL, plus 4 MiB."""
+    from .processing_aki import AkiImageProcessor
+
     check_model_folder(model_dir)
+    media = media or MediaPolicy()
+    Image.MAX_IMAGE_PIXELS = media.max_pixels  # PIL's own guard, for a decode outside the header check
+    images = AkiImageProcessor.from_pretrained(model_dir)
+    reader = MediaReader(media, fit=(images.size["width"], images.size["height"]), resample=images.resample)
     generation_state = GenerationState()
     manager = ModelManager(loader=AkiModelLoader(), generation_state=generation_state, force_model=model_dir)
-    chat = AkiChatCompletionHandler(manager, generation_state, media=media or MediaPolicy())
+    chat = AkiChatCompletionHandler(
+        manager, generation_state, media=reader, trust_request_chat_template=trust_request_chat_template
+    )
     # The other handlers are never reached: RequestGate answers their routes with a 404.
     app = build_server(manager, chat, None, None, None, None)
     add_error_handlers(app)
-    app.add_middleware(RequestGate, api_key=api_key or None)
+    max_body_bytes = max_request_bytes or media.max_bytes * 4 // 3 + 4 * 1024 * 1024
+    app.add_middleware(RequestGate, api_key=api_key or None, max_body_bytes=max_body_bytes)
     return app
 
 

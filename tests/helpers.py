@@ -1,9 +1,14 @@
 """Small helpers shared by the tests."""
 
 import base64
+import contextlib
+import http.server
 import io
+import select
 import socket
 import subprocess
+import threading
+import time
 
 
 def chat(question, answer=None, num_images=1):
@@ -90,3 +95,44 @@ def save_tiny_qwen2(folder):
     Qwen2ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+@contextlib.contextmanager
+def trickling_server(max_seconds: int = 40):
+    """A server on 127.0.0.1 that answers `/status.png` with its status line one byte a second, and any
+    other path with an image's headers and then one byte a second, each for at most `max_seconds` or
+    until the reader hangs up (looked for every 0.1 s). Yields its base URL and a list that gets, per
+    request, how many seconds it was read before the reader hung up (or the bytes ran out)."""
+    lasted = []
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def hung_up(self) -> bool:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+
+        def do_GET(self):
+            started = time.monotonic()
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n" % max_seconds
+            slow = head if self.path == "/status.png" else bytes(max_seconds)
+            with contextlib.suppress(OSError):  # the reader hung up
+                if self.path != "/status.png":
+                    self.wfile.write(head)
+                for byte in slow[:max_seconds]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    for _ in range(10):
+                        if self.hung_up():
+                            raise ConnectionResetError
+                        time.sleep(0.1)
+            lasted.append(time.monotonic() - started)
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle) as server:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}", lasted
+        finally:
+            server.shutdown()

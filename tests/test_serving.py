@@ -15,6 +15,7 @@ import http.server
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from helpers import free_port, png_data_url, save_checkpoint, stop_process  # noqa: E402
+from helpers import free_port, png_data_url, save_checkpoint, stop_process, trickling_server  # noqa: E402
 from tokenizers.decoders import DecodeStream  # noqa: E402
 
 STARTUP_TIMEOUT_S = 180
@@ -41,6 +42,7 @@ MMA_QUESTION = "Which colour?"
 API_KEY = "test-key-0123"
 MAX_IMAGE_BYTES = 2_000_000
 MAX_IMAGE_PIXELS = 4_000_000
+FETCH_TIMEOUT_S = 3.0
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, log_file) -> None:
@@ -64,7 +66,7 @@ def checkpoint(tmp_path_factory, tiny_llama):
 
 @contextlib.contextmanager
 def running_server(folder: str, log_dir, *flags: str, env: dict | None = None):
-    """The base URL of `aki serve --model <folder> <flags>` on a free port of 127.0.0.1, stopped on exit."""
+    """The base URL and process of `aki serve --model <folder> <flags>` on a free port of 127.0.0.1, stopped on exit."""
     port = free_port()
     log_file = log_dir / "server.log"
     command = [sys.executable, "-m", "aki.cli", "serve", "--model", folder, "--port", str(port), *flags]
@@ -73,14 +75,14 @@ def running_server(folder: str, log_dir, *flags: str, env: dict | None = None):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, process, log_file)
-        yield url
+        yield url, process
     finally:
         stop_process(process)
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    with running_server(checkpoint, tmp_path_factory.mktemp("serve")) as url:
+    with running_server(checkpoint, tmp_path_factory.mktemp("serve")) as (url, _):
         yield url
 
 
@@ -99,6 +101,8 @@ def media_dir(tmp_path_factory, images):
     images[1].save(media / "chelsea.png")
     images[1].save(outside / "secret.png")
     (media / "link.png").symlink_to(outside / "secret.png")
+    (outside / "loop_a").symlink_to(outside / "loop_b")  # a symlink loop outside the folder
+    (outside / "loop_b").symlink_to(outside / "loop_a")
     return media
 
 
@@ -107,10 +111,11 @@ def open_server(checkpoint, media_dir, tmp_path_factory):
     flags = (
         *("--allowed-local-media-path", str(media_dir), "--allow-remote-images"),
         *("--max-image-bytes", str(MAX_IMAGE_BYTES), "--max-image-pixels", str(MAX_IMAGE_PIXELS)),
+        *("--image-fetch-timeout", str(FETCH_TIMEOUT_S)),
     )
     # The key as the README advises, from the environment (`--api-key KEY` sets the same field).
     folder = tmp_path_factory.mktemp("serve_open")
-    with running_server(checkpoint, folder, *flags, env={"AKI_API_KEY": API_KEY}) as url:
+    with running_server(checkpoint, folder, *flags, env={"AKI_API_KEY": API_KEY}) as (url, _):
         yield url
 
 
@@ -232,7 +237,7 @@ def truncated_png(image) -> str:
 BAD_IMAGES = {
     "file path": (lambda images, tmp: str(tmp / "photo.png"), "local_media_disabled", "--allowed-local-media-path"),
     "not an image": (lambda images, tmp: "data:image/png;base64," + base64.b64encode(b"plain text").decode(),
-                     "invalid_image", "is not a readable image"),
+                     "invalid_image", "is not an image this server reads (PNG, JPEG, WEBP, GIF, BMP)"),
     "truncated image": (lambda images, tmp: truncated_png(images[0]), "invalid_image", "is not a readable image"),
     "bad base64": (lambda images, tmp: "data:image/png;base64,%%%", "invalid_image", "not valid base64"),
     "remote url": (lambda images, tmp: "http://127.0.0.1:9/photo.png", "remote_image_disabled", "--allow-remote-images"),
@@ -279,6 +284,8 @@ def test_every_path_out_of_the_media_folder_gets_the_one_answer_a_missing_file_g
         f"file://{media_dir}/../outside/secret.png",
         str(media_dir / "missing.png"),  # a missing file in it
         "/etc/passwd",
+        str(media_dir.parent / "outside" / "loop_a"),  # a symlink loop (ELOOP)
+        "x" * 300 + ".png",  # a name longer than the file system takes (ENAMETOOLONG)
     ]
 
     answers = [refusal(open_client, checkpoint, url).body for url in urls]
@@ -471,35 +478,58 @@ def test_messages_that_are_not_a_list_are_a_400(server, checkpoint):
     assert body["error"]["param"] == "messages"
 
 
+def read_remote(url: str, policy):
+    """One image URL read as the server reads it (`MediaReader`), outside any server."""
+    import asyncio
+
+    from aki.media import MediaReader, PixelBudget
+
+    reader = MediaReader(policy)
+    try:
+        return asyncio.run(reader.read_image(url, "p", PixelBudget(policy)))
+    finally:
+        reader.close()
+
+
 def test_allowed_media_domains_are_the_only_hosts_fetched_even_through_a_redirect(images, tmp_path):
-    from aki.serving import MediaPolicy, RequestError, read_image
+    from aki.media import MediaPolicy, RequestError
 
     images[1].save(tmp_path / "chelsea.png")
     with http_files(tmp_path) as (base, _):
         localhost = base.replace("127.0.0.1", "localhost")
         only_localhost = MediaPolicy(allow_remote=True, allowed_domains=frozenset({"localhost"}))
-        assert read_image(f"{localhost}/chelsea.png", "p", only_localhost).size == images[1].size
+        assert read_remote(f"{localhost}/chelsea.png", only_localhost).size == images[1].size
         with pytest.raises(RequestError) as raised:
-            read_image(f"{base}/chelsea.png", "p", only_localhost)
+            read_remote(f"{base}/chelsea.png", only_localhost)
         assert raised.value.code == "media_domain_not_allowed"
 
-        class Redirect(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(302)
-                self.send_header("Location", f"{base}/chelsea.png")  # to 127.0.0.1, not allowed
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect) as redirecting:
-            threading.Thread(target=redirecting.serve_forever, daemon=True).start()
-            try:
-                with pytest.raises(RequestError) as raised:
-                    read_image(f"http://localhost:{redirecting.server_address[1]}/x.png", "p", only_localhost)
-            finally:
-                redirecting.shutdown()
+        with redirecting_server(lambda hop: f"{base}/chelsea.png") as redirect:  # to 127.0.0.1, not allowed
+            with pytest.raises(RequestError) as raised:
+                read_remote(redirect.replace("127.0.0.1", "localhost") + "/x.png", only_localhost)
         assert raised.value.code == "media_domain_not_allowed"
+
+
+@contextlib.contextmanager
+def redirecting_server(location, delay_s: float = 0.0):
+    """A local server answering every GET with a 302 to `location(hop)` after `delay_s`; yields its base URL."""
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(delay_s)
+            hop = int(self.path.strip("/").split(".")[0] or 0) if self.path.strip("/")[:1].isdigit() else 0
+            self.send_response(302)
+            self.send_header("Location", location(hop))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
 
 
 def test_media_flags_are_checked_at_start(tmp_path):
@@ -552,7 +582,7 @@ def test_text_chat_with_the_smollm2_aki_answers_sensibly(tmp_path):
         pytest.skip(f"SmolLM2 unavailable: {error}")
     torch.manual_seed(0)
     folder = save_checkpoint(*from_parts(TINY_VISION, str(language_model), connector_type="mlp"), tmp_path / "aki")
-    with running_server(str(folder), tmp_path) as url:
+    with running_server(str(folder), tmp_path) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
         reply = client.chat.completions.create(
             model=str(folder),
@@ -562,3 +592,235 @@ def test_text_chat_with_the_smollm2_aki_answers_sensibly(tmp_path):
             temperature=0,
         )
     assert "Paris" in reply.choices[0].message.content
+
+
+# Hostile clients (issue 36): every request below is bounded in time and sent to 127.0.0.1 only.
+TEXT_TURN = [{"role": "user", "content": "Hello."}]
+
+
+def timed_refusal(client, checkpoint, url: str) -> tuple["openai.BadRequestError", float]:
+    started = time.monotonic()
+    error = refusal(client, checkpoint, url)
+    return error, time.monotonic() - started
+
+
+def timed_text_answer(client, checkpoint) -> float:
+    started = time.monotonic()
+    client.chat.completions.create(model=checkpoint, messages=TEXT_TURN, max_tokens=MAX_TOKENS)
+    return time.monotonic() - started
+
+
+def test_slow_images_fail_within_their_deadline_and_text_requests_do_not_wait(open_client, checkpoint):
+    """Headers then a byte a second, a status line a byte a second, four redirect hops of 1.5 s: each
+    fails within the one deadline (+1 s), and a text request sent beside six of them is answered as fast
+    as on a quiet server."""
+    quiet = min(timed_text_answer(open_client, checkpoint) for _ in range(3))
+    with trickling_server() as (trickle, _), redirecting_server(lambda hop: f"/{hop + 1}.png", delay_s=1.5) as redirect:
+        urls = [f"{trickle}/body.png"] * 3 + [f"{trickle}/status.png"] * 3 + [f"{redirect}/0.png"]
+        with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+            slow = [pool.submit(timed_refusal, open_client, checkpoint, url) for url in urls]
+            time.sleep(0.5)  # all of them being fetched
+            beside = timed_text_answer(open_client, checkpoint)
+            refused = [future.result(timeout=REQUEST_TIMEOUT_S) for future in slow]
+
+    for error, seconds in refused:
+        assert error.code == "image_fetch_failed" and seconds <= FETCH_TIMEOUT_S + 1, (error.message, seconds)
+    assert beside <= quiet + 1.0, (quiet, beside)
+
+
+def test_a_fetch_stops_when_its_client_hangs_up(open_server, checkpoint):
+    """The client leaves 0.3 s into a slow fetch: the server drops the fetch then, not at its deadline."""
+    with trickling_server() as (trickle, lasted):
+        body = json.dumps(
+            {"model": checkpoint, "messages": [image_turn(f"{trickle}/body.png", "What is it?")], "max_tokens": 2}
+        ).encode()
+        port = int(open_server.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (API_KEY.encode(), len(body), body)
+            )
+            time.sleep(0.3)
+        deadline = time.monotonic() + FETCH_TIMEOUT_S + 3
+        while not lasted and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert lasted and lasted[0] < FETCH_TIMEOUT_S - 1, lasted  # dropped with the client, well before the deadline
+
+
+def test_failed_fetches_do_not_tell_why(open_client, checkpoint, media_dir):
+    """A closed port, a 404 and a page that is not an image get one answer: the server is no port scanner."""
+    with socket_closed_port() as closed, http_files(media_dir) as (base, _):
+        (media_dir / "page.html").write_text("<html>not an image</html>")
+        urls = [f"http://127.0.0.1:{closed}/a.png", f"{base}/missing.png", f"{base}/page.html"]
+        errors = [refusal(open_client, checkpoint, url) for url in urls]
+
+    assert {error.code for error in errors} == {"image_fetch_failed"}
+    assert len({error.message.replace(url, "URL") for error, url in zip(errors, urls, strict=True)}) == 1
+
+
+@contextlib.contextmanager
+def socket_closed_port():
+    """A port on 127.0.0.1 that nothing listens on (bound, never listening)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
+
+
+def png_bytes(image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, **{"format": "PNG", **options})
+    return buffer.getvalue()
+
+
+def test_container_formats_are_not_opened(client, checkpoint):
+    """An ICO (Pillow decodes its PNG frames while opening) and an EPS (Ghostscript) are refused unopened."""
+    from PIL import Image
+
+    frame = png_bytes(Image.new("RGB", (64, 64), "red"))
+    ico = (  # ICONDIR, then one ICONDIRENTRY saying 16x16 for a 64x64 PNG frame
+        b"\x00\x00\x01\x00\x01\x00"
+        + bytes([16, 16, 0, 0, 1, 0, 32, 0])
+        + len(frame).to_bytes(4, "little")
+        + (22).to_bytes(4, "little")
+        + frame
+    )
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n"
+    for data in (ico, eps):
+        error = refusal(client, checkpoint, "data:image/png;base64," + base64.b64encode(data).decode())
+        assert error.code == "invalid_image" and "PNG, JPEG, WEBP, GIF, BMP" in error.message
+
+
+@pytest.fixture(scope="module")
+def wide_server(checkpoint, tmp_path_factory):
+    """A server that takes ten images of 40 million pixels each, and request templates."""
+    flags = ("--limit-mm-per-prompt", '{"image": 10}', "--max-request-image-pixels", "400000000")
+    with running_server(
+        checkpoint, tmp_path_factory.mktemp("serve_wide"), *flags, "--trust-request-chat-template"
+    ) as served:
+        yield served
+
+
+def huge_images() -> list[str]:
+    """Ten 6300 x 6300 PNGs (each under the 40-million-pixel cap), five RGB and five 16-bit grey, as data URLs."""
+    from PIL import Image
+
+    rgb = "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (6300, 6300), "teal"))).decode()
+    grey = Image.new("I;16", (6300, 6300), 40000)
+    wide = "data:image/png;base64," + base64.b64encode(png_bytes(grey)).decode()
+    return [rgb] * 5 + [wide] * 5
+
+
+def many_images_turn(urls: list[str]) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": "What are these?"}]}
+
+
+def test_more_images_than_the_limit_are_refused_unread(client, checkpoint):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model=checkpoint, messages=[many_images_turn(huge_images())], max_tokens=MAX_TOKENS
+        )
+    assert raised.value.code == "too_many_images" and "--limit-mm-per-prompt" in raised.value.message
+
+
+def test_ten_huge_images_are_served_in_bounded_memory(wide_server, checkpoint):
+    """Each image is decoded alone and shrunk to the model's size at once: the server's memory (its
+    processes together) grows by less than 1.5 GB for 400 million pixels."""
+    import psutil
+
+    url, process = wide_server
+    server = psutil.Process(process.pid)
+
+    def memory() -> int:
+        processes = [server, *server.children(recursive=True)]
+        return sum(p.memory_info().rss for p in processes if p.is_running())
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+    urls = huge_images()
+    before, peak = memory(), 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(
+            client.chat.completions.create, model=checkpoint, messages=[many_images_turn(urls)], max_tokens=2
+        )
+        while not answer.done():
+            peak = max(peak, memory())
+            time.sleep(0.05)
+    assert answer.result().choices[0].message.content is not None
+    assert peak - before < 1.5 * 2**30, (before, peak)
+
+
+def test_request_chat_templates_need_the_servers_trust(client, wide_server, checkpoint):
+    template = "{% for m in messages %}{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endfor %}"
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model=checkpoint,
+            messages=TEXT_TURN,
+            max_tokens=MAX_TOKENS,
+            extra_body={"chat_template_kwargs": {"chat_template": template}},
+        )
+    assert raised.value.param == "chat_template_kwargs.chat_template"
+    assert "--trust-request-chat-template" in raised.value.message
+
+    trusting = openai.OpenAI(base_url=f"{wide_server[0]}/v1", api_key="x", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+    reply = trusting.chat.completions.create(
+        model=checkpoint,
+        messages=TEXT_TURN,
+        max_tokens=MAX_TOKENS,
+        extra_body={"chat_template_kwargs": {"chat_template": template}},
+    )
+    assert reply.usage.prompt_tokens <= 4  # "Hello." alone (and a BOS): the request's template was used
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": 10**9}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 5}, "top_p"),
+        ({"n": 100}, "n"),
+        ({"extra_body": {"generation_config": json.dumps({"num_beams": 4})}}, "generation_config.num_beams"),
+        ({"extra_body": {"generation_config": json.dumps({"num_return_sequences": 8})}}, "generation_config.num_return_sequences"),
+        ({"extra_body": {"chat_template_kwargs": {"add_vision_id": True}}}, "chat_template_kwargs.add_vision_id"),
+    ],
+)  # fmt: skip
+def test_out_of_range_or_untaken_fields_are_a_400_naming_them(client, checkpoint, fields, param):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=checkpoint, messages=TEXT_TURN, **{"max_tokens": MAX_TOKENS, **fields})
+    assert raised.value.param == param, raised.value.message
+
+
+def test_stop_strings_end_the_answer(client, checkpoint, tiny_llama):
+    model, processor = tiny_llama
+    expected = processor.decode(local_answer_ids(model, processor, TEXT_TURN, None), skip_special_tokens=True)
+    stop = expected[len(expected) // 2 :][:3]
+    assert stop.strip() and stop in expected
+
+    reply = client.chat.completions.create(model=checkpoint, messages=TEXT_TURN, max_tokens=MAX_TOKENS, stop=[stop])
+
+    content = reply.choices[0].message.content
+    assert expected.startswith(content) and len(content) < len(expected)
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_a_body_over_the_cap_is_a_413_unread(server):
+    """64 MiB, declared by Content-Length and sent in chunks without one: 413 either way."""
+    import http.client
+
+    port = int(server.rsplit(":", 1)[1])
+    for chunked in (False, True):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
+        connection.putrequest("POST", "/v1/chat/completions")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(64 * 2**20))))
+        connection.endheaders()
+        chunk = b"x" * 2**20
+        with contextlib.suppress(OSError):  # the server may answer and close before the body is all sent
+            for _ in range(64):
+                connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                connection.send(b"0\r\n\r\n")
+        response = connection.getresponse()
+        assert response.status == 413 and json.load(response)["error"]["code"] == "request_too_large"
+        connection.close()

@@ -196,9 +196,8 @@ def test_corrupt_images_and_empty_captions_are_skipped_and_counted(tmp_path, tin
 def test_every_config_loads_and_unknown_keys_are_refused():
     from pathlib import Path
 
-    from aki_training.config import load_config
-
     from aki_demo import align, tower
+    from aki_training.config import load_config
 
     repository = Path(__file__).resolve().parent.parent
     root = repository / "configs"
