@@ -17,10 +17,8 @@ stays on 127.0.0.1.
 """
 
 import argparse
-import base64
 import contextlib
 import http.client
-import io
 import multiprocessing
 import os
 import statistics
@@ -31,13 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 from helpers import trickling_server  # noqa: E402
-from serve_vllm import Server, free_port, uptime  # noqa: E402
+from serve_vllm import Server, free_port, image_url, percentile, png_url, uptime  # noqa: E402
 
 REQUEST_TIMEOUT_S = 120
 ATTACKS = ("trickle", "huge images", "huge body")
@@ -55,17 +52,6 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def png_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def small_image(seed: int) -> str:
-    generator = torch.Generator().manual_seed(seed)
-    return png_url(Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy()))
-
-
 def image_turn(urls: list[str], question: str) -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
@@ -77,7 +63,7 @@ def valid_client(client, model: str, index: int, requests: int) -> list[float]:
         started = time.monotonic()
         client.chat.completions.create(
             model=model,
-            messages=image_turn([small_image(index * 100 + request)], f"Question {request}: what is in the image?"),
+            messages=image_turn([image_url(index * 100 + request)], f"Question {request}: what is in the image?"),
             max_tokens=16,
             temperature=0,
         )
@@ -112,11 +98,6 @@ def attack(kind: str, client, model: str, server: str, slow: str, huge: str, sto
         else:
             refused += kind == "huge images"  # served, within the caps
     return refused
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 class PeakMemory:

@@ -48,12 +48,21 @@ def build_model(folder: Path) -> Path:
     return folder
 
 
-def image_url(seed: int) -> str:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy()
+def png_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_url(seed: int) -> str:
+    """A 64 x 64 PNG of random pixels (`seed`) as a data URL."""
+    generator = torch.Generator().manual_seed(seed)
+    return png_url(Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy()))
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def server_commands(model: Path, port: int, aki_python: str, vllm: list[str]) -> dict[str, list[str]]:
@@ -131,7 +140,7 @@ def run_level(client, model: str, concurrency: int, max_tokens: int, extra_body:
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "p50_s": statistics.median(latencies),
-        "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "p95_s": percentile(latencies, 0.95),
     }
 
 
