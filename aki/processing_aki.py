@@ -140,28 +140,18 @@ def array_to_rgb(array) -> Image.Image:
     return to_rgb(Image.fromarray(array, mode))
 
 
-class ImageTooLarge(ValueError):
-    """An encoded image with more pixels than its reader takes (a decompression bomb, or just too large)."""
-
-
-def load_image(image, max_pixels: int | None = None) -> Image.Image:
+def load_image(image) -> Image.Image:
     """8-bit RGB from a path, encoded bytes, a PIL image, or an array / tensor (`array_to_rgb`);
-    raise a ValueError that names the problem. An encoded image of more than `max_pixels` pixels is
-    refused from its header, before it is decoded (`ImageTooLarge`), as is one PIL's own guard refuses."""
+    raise a ValueError that names the problem (PIL's decompression-bomb guard included)."""
     if isinstance(image, bytes):
         image = io.BytesIO(image)
     if isinstance(image, (str, Path, io.IOBase)):
         name = str(image) if isinstance(image, (str, Path)) else "from bytes"
         try:
             with Image.open(image) as opened:
-                if max_pixels is not None and opened.width * opened.height > max_pixels:
-                    raise ImageTooLarge(
-                        f"Image {name!r} is {opened.width}x{opened.height} = {opened.width * opened.height} pixels, "
-                        f"over the limit of {max_pixels}."
-                    )
                 return to_rgb(opened)
         except Image.DecompressionBombError as error:
-            raise ImageTooLarge(f"Image {name!r} is too large to decode: {error}") from error
+            raise ValueError(f"Image {name!r} is too large to decode: {error}") from error
         except (OSError, UnidentifiedImageError) as error:
             raise ValueError(f"Cannot read image {name!r}: {error}") from error
     if isinstance(image, Image.Image):
