@@ -206,6 +206,26 @@ def window_split_at(window_ids: torch.Tensor, boundary: int) -> bool:
     return bool((cached_images[:, 1:] & new_questions[:, 1:]).any())
 
 
+def exact_chunk_end(window_ids: torch.Tensor, start: int, end: int) -> int:
+    """The furthest end, at most `end`, at which a forward over positions [start, end) of one sequence
+    computes every image row in it with its whole question: no image row before the end whose window
+    has keys at or after it. `start` when even the first image of the chunk cannot be finished within
+    `end` (the chunk must then wait or grow).
+
+    `window_ids` (s,) are the whole sequence's as far as it is known (a chunk scheduler's prompt).
+    Windows are turns, in order, so only the last window with an image row in the chunk can reach
+    past its end; the chunk is cut back to that window's first image row in it.
+    """
+    images = (window_ids[start:end] > 0).nonzero().flatten()
+    if images.numel() == 0:
+        return end
+    last = int(window_ids[start + int(images[-1])])
+    keys = (window_ids == -last).nonzero().flatten()
+    if keys.numel() == 0 or int(keys[-1]) < end:
+        return end
+    return start + int((window_ids[start:end] == last).nonzero()[0])
+
+
 def absolute_window_ids(window_ids: torch.Tensor, past_length: int, query_length: int) -> torch.Tensor:
     """Window ids indexed by absolute position, (b, past + s), checked for a split prompt.
 

@@ -34,9 +34,11 @@ _CONTENT = (
     "{%- endfor -%}{%- endif -%}"
 )
 
-# AKI-4B's prompt (docs/checkpoint.md). BOS comes from the tokenizer; the answer is closed by <|endoftext|>.
+# AKI-4B's prompt (docs/checkpoint.md), BOS first; the answer is closed by <|endoftext|>. The template writes
+# the BOS itself, as Phi-3's and Llama 3's own templates do, so a server that renders it and tokenizes without
+# special tokens (vLLM's chat endpoint) gets the same ids as `AkiProcessor`, which then adds no second BOS.
 PHI3_CHAT_TEMPLATE = (
-    _SYSTEM + "{{ '<|system|>\n' + system + '<|end|>\n' }}"
+    _SYSTEM + "{{ bos_token + '<|system|>\n' + system + '<|end|>\n' }}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{ '<|user|>\n' }}" + _CONTENT + "{{ '<|end|>\n' }}"
     "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>\n' }}" + _CONTENT + "{{ '<|endoftext|>' }}"
@@ -45,9 +47,9 @@ PHI3_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
 )
 
-# Llama-3 headers, for Llama backbones: the assistant marker is a three-token header.
+# Llama-3 headers, for Llama backbones, BOS first: the assistant marker is a three-token header.
 LLAMA3_CHAT_TEMPLATE = (
-    _SYSTEM + "{{ '<|start_header_id|>system<|end_header_id|>\n\n' + system + '<|eot_id|>' }}"
+    _SYSTEM + "{{ bos_token + '<|start_header_id|>system<|end_header_id|>\n\n' + system + '<|eot_id|>' }}"
     "{%- for message in messages -%}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}" + _CONTENT + "{{ '<|eot_id|>' }}"
     "{%- endfor -%}"
@@ -55,7 +57,8 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-# ChatML, for Qwen2 backbones and other ChatML tokenizers (SmolLM): the marker is `<|im_start|>assistant`.
+# ChatML, for Qwen2 backbones and other ChatML tokenizers (SmolLM), which add no BOS: the marker is
+# `<|im_start|>assistant`.
 CHATML_CHAT_TEMPLATE = (
     _SYSTEM + "{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}"
     "{%- for message in messages -%}"
@@ -201,20 +204,36 @@ class AkiProcessor(ProcessorMixin):
         if images is not None:
             images = [load_image(image) for image in flatten_images(images)]
         if text is not None and kwargs.get("add_special_tokens", True):
-            texts = [self.bos_before_image(t) for t in (text if isinstance(text, list | tuple) else [text])]
+            texts = [self.with_one_bos(t) for t in (text if isinstance(text, list | tuple) else [text])]
             text = texts if isinstance(text, list | tuple) else texts[0]
         return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
-    def bos_before_image(self, text: str) -> str:
-        """`text` with the tokenizer's BOS written first when it starts with an image and the tokenizer
-        adds no BOS of its own (SmolLM2's, for one). Position 0 is where a pretrained LM parks the
-        attention it does not use (the attention sink): an image there is hardly read at all."""
+    def with_one_bos(self, text: str) -> str:
+        """`text` as the tokenizer (adding its special tokens) must see it for the ids to hold one BOS.
+
+        A rendered chat template already starts with BOS: a tokenizer that adds one gets the text without
+        it. A text starting with an image gets the BOS written first even when the tokenizer adds none
+        (SmolLM2's): position 0 is where a pretrained LM parks the attention it does not use (the
+        attention sink), and an image there is hardly read at all."""
         tokenizer = self.tokenizer
-        if not (isinstance(text, str) and text.startswith(self.image_token)) or tokenizer.bos_token is None:
+        if not isinstance(text, str) or tokenizer.bos_token is None:
             return text
-        if tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
-            return text
-        return tokenizer.bos_token + text
+        adds_bos = tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+        if adds_bos and text.startswith(tokenizer.bos_token):
+            return text[len(tokenizer.bos_token) :]
+        if not adds_bos and text.startswith(self.image_token):
+            return tokenizer.bos_token + text
+        return text
+
+    @property
+    def template_writes_bos(self) -> bool:
+        """Whether the chat template renders the tokenizer's BOS first (AKI's templates do, where the
+        tokenizer has one to add), so a rendered prompt must be tokenized without special tokens."""
+        bos = self.tokenizer.bos_token
+        if bos is None or self.chat_template is None:
+            return False
+        rendered = self.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False)
+        return rendered.startswith(bos)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens

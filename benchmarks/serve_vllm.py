@@ -4,12 +4,13 @@
 
 The model is the SmolLM2-based AKI (`make smollm2`; a tiny SigLIP tower, an MLP connector, SmolLM2-135M,
 float32), saved once under outputs/serve_vllm/model unless --model names another folder. For each
-server in turn: start it as a user does (`aki serve` from .venv, vLLM's OpenAI server with the flags
-MMA needs from .venv-vllm), send one warm-up request, then for each concurrency level N send N image
-requests at once (a different image each, greedy, up to --max-tokens) through the `openai` client
-and time them. Prints one table (generated tokens/s, p50 and p95 latency, and vLLM's tokens/s over
-aki serve's at each level) with `uptime` before and after: the figures are only comparable within
-one run, on one machine, under one load. The table is also written to OUTPUT/results.md.
+server in turn: start it as a user does (`aki serve` from .venv, vLLM's OpenAI server from
+.venv-vllm, prefix caching and chunked prefill off as the published figures were measured), send one
+warm-up request, then for each concurrency level N send N image requests at once (a different image
+each, greedy, up to --max-tokens) through the `openai` client and time them. Prints one table
+(generated tokens/s, p50 and p95 latency, and vLLM's tokens/s over aki serve's at each level) with
+`uptime` before and after: the figures are only comparable within one run, on one machine, under one
+load. The table is also written to OUTPUT/results.md.
 """
 
 import argparse
@@ -70,6 +71,7 @@ def server_commands(model: Path, port: int, aki_python: str, vllm: list[str]) ->
         "aki serve": [aki_python, "-m", "aki.cli", "serve", "--model", str(model), "--port", str(port)],
         "vllm serve": [
             *vllm, str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            # Caching and chunking off, as the published figures (benchmarks/README.md) were measured.
             "--max-model-len", "2048", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
         ],
     }  # fmt: skip
@@ -105,7 +107,7 @@ class Server:
             self.process.wait()
 
 
-def ask(client, model: str, seed: int, max_tokens: int, extra_body: dict) -> tuple[float, int]:
+def ask(client, model: str, seed: int, max_tokens: int) -> tuple[float, int]:
     """One image question: (latency in s, generated tokens)."""
     started = time.perf_counter()
     reply = client.chat.completions.create(
@@ -122,16 +124,15 @@ def ask(client, model: str, seed: int, max_tokens: int, extra_body: dict) -> tup
         ],
         max_tokens=max_tokens,
         temperature=0.0,
-        extra_body=extra_body,
     )
     return time.perf_counter() - started, reply.usage.completion_tokens
 
 
-def run_level(client, model: str, concurrency: int, max_tokens: int, extra_body: dict) -> dict:
+def run_level(client, model: str, concurrency: int, max_tokens: int) -> dict:
     """`concurrency` requests sent at once: generated tokens/s over the whole burst, p50/p95 latency."""
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda seed: ask(client, model, seed, max_tokens, extra_body), range(concurrency)))
+        results = list(pool.map(lambda seed: ask(client, model, seed, max_tokens), range(concurrency)))
     wall = time.perf_counter() - started
     latencies = sorted(latency for latency, _ in results)
     tokens = sum(count for _, count in results)
@@ -182,11 +183,9 @@ def main() -> None:
     for name, command in server_commands(model, port, args.aki_python, args.vllm).items():
         with Server(command, port, args.output / f"{name.replace(' ', '_')}.log") as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=3600, max_retries=0)
-            # vLLM's chat endpoint adds the tokenizer's special tokens (BOS) only when asked; aki serve always does.
-            extra_body = {"add_special_tokens": True} if name == "vllm serve" else {}
-            ask(client, str(model), 10_000, args.max_tokens, extra_body)  # warm-up
+            ask(client, str(model), 10_000, args.max_tokens)  # warm-up
             for level in levels:
-                results[name, level] = run_level(client, str(model), level, args.max_tokens, extra_body)
+                results[name, level] = run_level(client, str(model), level, args.max_tokens)
                 print(f"{name} x{level}: {results[name, level]}", flush=True)
     table = render(results, levels, load_before, uptime())
     (args.output / "results.md").write_text(table)

@@ -128,17 +128,20 @@ def merge_predictions(folder: Path) -> dict[str, str]:
 
 
 def chat_prompts(processor, contents: list[list[dict]], image_separator: str = "", prefix: str = "") -> list[str]:
-    """One prompt per user turn (`content` items, `{"type": "image"}` where each image goes)."""
-    return [
-        prefix
-        + processor.apply_chat_template(
+    """One prompt per user turn (`content` items, `{"type": "image"}` where each image goes); `prefix` goes
+    right after the BOS the template writes (or first, where it writes none)."""
+    bos = processor.tokenizer.bos_token or ""
+    prompts = []
+    for content in contents:
+        prompt = processor.apply_chat_template(
             [{"role": "user", "content": content}],
             add_generation_prompt=True,
             tokenize=False,
             image_separator=image_separator,
         )
-        for content in contents
-    ]
+        head = bos if bos and prompt.startswith(bos) else ""
+        prompts.append(head + prefix + prompt[len(head) :])
+    return prompts
 
 
 class Predictor:
@@ -224,8 +227,8 @@ class VllmPredictor(Predictor):
         self.processor = AutoProcessor.from_pretrained(model_dir)
         eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
         self.stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        # MMA needs whole prefills and no reuse of image blocks across questions (docs/vllm.md).
-        settings = {"enable_prefix_caching": False, "enable_chunked_prefill": False, **engine}
+        # vLLM's defaults: the plugin keeps MMA exact under prefix caching and chunked prefill (docs/vllm.md).
+        settings = dict(engine)
         if policy:
             settings["hf_overrides"] = {"attention_policy": policy}
         self.llm = LLM(str(model_dir), dtype=dtype, **settings)

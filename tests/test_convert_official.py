@@ -139,10 +139,19 @@ def test_chat_template_renders_the_official_prompts(native, golden):
     def user(question):
         return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
 
+    def ids(text):
+        return processor(text=text, images=np.zeros((32, 32, 3), dtype=np.uint8))["input_ids"]
+
+    # The official code left the BOS to its tokenizer; our template writes it and the processor adds none:
+    # the same text after the BOS, the same ids.
+    bos = processor.tokenizer.bos_token
     sft = [user("What is in the image?"), {"role": "assistant", "content": "A red square."}]
-    assert processor.apply_chat_template(sft, tokenize=False) == record["texts"]["sft"][0]
+    rendered = processor.apply_chat_template(sft, tokenize=False)
+    assert rendered == bos + record["texts"]["sft"][0]
+    assert ids(rendered) == ids(record["texts"]["sft"][0])
     prompt = processor.apply_chat_template([user("Describe the image.")], add_generation_prompt=True, tokenize=False)
-    assert prompt == record["texts"]["generate"][0]
+    assert prompt == bos + record["texts"]["generate"][0]
+    assert ids(prompt) == ids(record["texts"]["generate"][0])
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -13,6 +13,7 @@ from aki.masking import (
     PADDING,
     QUESTION,
     dense_attention_mask,
+    exact_chunk_end,
     find_marker_starts,
     mma_mask_function,
     mma_window_ids,
@@ -80,6 +81,39 @@ def random_batch(seed: int, marker: list[int], padding_side: str):
         ones, zeros = [True] * len(sample), [False] * len(pad)
         valid.append(zeros + ones if padding_side == "left" else ones + zeros)
     return torch.tensor(ids), torch.tensor(valid)
+
+
+def exact_ends_by_hand(window: list[int], start: int) -> list[int]:
+    """Every end e of a chunk [start, e) whose image rows all have their window's keys before e."""
+    ends = []
+    for end in range(start, len(window) + 1):
+        keys_before_end = all(
+            all(k < end for k, other in enumerate(window) if other == -window[q])
+            for q in range(start, end)
+            if window[q] > 0
+        )
+        if keys_before_end:
+            ends.append(end)
+    return ends
+
+
+def test_exact_chunk_end_is_the_furthest_end_the_rule_allows():
+    """A chunk scheduler's cut (aki.vllm_plugin.scheduler), against every end checked by hand, on random
+    conversations of several turns, images and unclosed turns."""
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [TEXT_IDS[0]]
+        for _turn in range(rng.randint(1, 3)):
+            ids += rng.choices(TEXT_IDS, k=rng.randint(0, 3))
+            for _image in range(rng.randint(0, 2)):
+                ids += [IMG] * rng.randint(1, 3) + rng.choices(TEXT_IDS, k=rng.randint(0, 2))
+            if rng.random() < 0.8:
+                ids += PHI_MARKER + rng.choices(TEXT_IDS, k=rng.randint(0, 2))
+        window = mma_window_ids(torch.tensor([ids]), IMG, PHI_MARKER)[0]
+        start = rng.randint(0, len(ids))
+        end = rng.randint(start, len(ids))
+        allowed = [e for e in exact_ends_by_hand(window.tolist(), start) if e <= end]
+        assert exact_chunk_end(window, start, end) == max(allowed), (ids, start, end)
 
 
 @pytest.mark.parametrize("marker", [PHI_MARKER, LLAMA_MARKER], ids=["one-token-marker", "three-token-marker"])

@@ -18,9 +18,10 @@ OFFICIAL_PROMPT = (
 def test_chat_template_is_the_official_prompt(tiny):
     _, processor = tiny
     text = processor.apply_chat_template(chat("What is this?"), add_generation_prompt=True, tokenize=False)
-    assert text == OFFICIAL_PROMPT
+    # The official code left the BOS to its tokenizer; our template writes it (the processor then adds none).
+    assert text == "<s>" + OFFICIAL_PROMPT
     with_answer = processor.apply_chat_template(chat("What is this?", "A cat."), tokenize=False)
-    assert with_answer == OFFICIAL_PROMPT + "A cat.<|endoftext|>"
+    assert with_answer == "<s>" + OFFICIAL_PROMPT + "A cat.<|endoftext|>"
 
 
 def test_processor_expands_images_and_prepends_bos(tiny, images):
@@ -45,7 +46,27 @@ def test_a_prompt_that_starts_with_an_image_gets_one_bos_first(preset, images):
     ids = processor(images=images[0], text="<image>A cat.")["input_ids"][0]
     assert ids[0] == bos and ids[1] == image and ids.count(bos) == 1
     assert processor(images=images[0], text="<image>A cat.", add_special_tokens=False)["input_ids"][0][0] == image
-    assert processor.bos_before_image("A cat.<image>") == "A cat.<image>"
+    assert processor.with_one_bos("A cat.<image>") == "A cat.<image>"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_the_template_writes_the_bos_and_the_processor_adds_no_second_one(preset, images):
+    """A server that renders the chat template and tokenizes it without special tokens (vLLM's chat
+    endpoint) gets the ids `AkiProcessor` gives: one BOS, first."""
+    from aki.presets import processor_from_preset
+
+    processor = processor_from_preset(preset)
+    tokenizer, bos = processor.tokenizer, processor.tokenizer.bos_token_id
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith(tokenizer.bos_token)
+    ids = processor(images=images[0], text=prompt)["input_ids"][0]
+    assert ids[0] == bos and ids.count(bos) == 1
+    served = processor(images=images[0], text=prompt, add_special_tokens=False)["input_ids"][0]
+    assert served == ids
+    messages[0]["content"][0]["image"] = images[0]
+    tokenized = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert tokenized["input_ids"][0] == ids
 
 
 def test_placeholder_count_for_serving_engines_matches_the_processor(tiny, images):

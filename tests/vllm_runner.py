@@ -5,7 +5,8 @@
 SPEC holds `model` (a saved AKI folder), `engine` (keyword arguments of `vllm.LLM`) and `rounds`:
 lists of requests (`prompt`, `images` as file paths, `max_tokens`), each list sent in one
 `generate` call, the lists one after the other on the same engine. OUT gets, per round, each
-request's generated token ids (EOS ignored), or the round's error message. vLLM's engine is a spawned process,
+request's generated token ids (EOS ignored), finish reason and prompt tokens read from the prefix cache
+(`num_cached_tokens`), or the round's error message. vLLM's engine is a spawned process,
 hence the `__main__` guard and a process per engine (tests start engines with other settings).
 """
 
@@ -41,7 +42,13 @@ def run(spec: dict) -> dict:
         except (ValueError, VLLMValidationError) as error:
             rounds.append({"error": str(error)})
             continue
-        rounds.append({"tokens": [list(output.outputs[0].token_ids) for output in outputs]})
+        rounds.append(
+            {
+                "tokens": [list(output.outputs[0].token_ids) for output in outputs],
+                "finish_reasons": [output.outputs[0].finish_reason for output in outputs],
+                "cached": [output.num_cached_tokens or 0 for output in outputs],
+            }
+        )
     return {"rounds": rounds}
 
 

@@ -114,7 +114,9 @@ def encode_conversation(processor, messages: list[dict], images: list, max_lengt
     text, spans = assistant_spans(processor, messages)
     check_text(text, "the conversation")
     tokenizer = processor.tokenizer
-    encoding = tokenizer(text, return_offsets_mapping=True)
+    # A template that writes the BOS itself gets no second one from the tokenizer.
+    has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=not has_bos)
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
     labels = [
         token if end > begin and any(start <= begin and end <= stop for start, stop in spans) else IGNORE_INDEX
@@ -161,7 +163,7 @@ def encode_caption(processor, image, caption: str, max_length: int, end_of_chunk
         raise SampleError("empty_caption")
     tokenizer = processor.tokenizer
     # BOS first even where the tokenizer adds none: an image at position 0 sits on the attention sink.
-    text = processor.bos_before_image(processor.image_token + caption + end_of_chunk + tokenizer.eos_token)
+    text = processor.with_one_bos(processor.image_token + caption + end_of_chunk + tokenizer.eos_token)
     ids = tokenizer(text)["input_ids"]
     labels = [token if i > 0 and token != processor.image_token_id else IGNORE_INDEX for i, token in enumerate(ids)]
     ids, labels = expand_images(ids, labels, processor.image_token_id, processor.num_image_tokens)

@@ -20,3 +20,11 @@ def register() -> None:
     if not vllm.__version__.startswith(SUPPORTED_VLLM):
         raise RuntimeError(f"AKI's vLLM plugin supports vLLM {SUPPORTED_VLLM}x; vLLM {vllm.__version__} is installed.")
     ModelRegistry.register_model("AkiForConditionalGeneration", "aki.vllm_plugin.model:AkiForConditionalGeneration")
+    # vLLM's per-architecture configuration hooks, where its own models set their engine defaults (there
+    # is no registration function; the table is public and the version is checked above). AKI's sets the
+    # scheduler MMA needs for chunked prefill (aki.vllm_plugin.engine_config).
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .engine_config import AkiEngineConfig
+
+    MODELS_CONFIG_MAP["AkiForConditionalGeneration"] = AkiEngineConfig

@@ -14,10 +14,15 @@ the cache is already right for later steps; only the image rows' outputs change.
 Which rows to redo is worked out once per step, outside the compiled language model, by
 `MmaPlanner.plan` (the model's forward calls it with the step's token ids). A request's history,
 a cached prefix included, is read back from `SlotTokens`, the token id written at each KV-cache
-slot, through the request's block table. A prefill that holds only part of an image's window (an
-image computed in an earlier step whose question arrives now) cannot be repaired and is refused
-(`PromptSplitError`); the engine settings that would cause it are refused at start-up
-(`aki.vllm_plugin.model.check_engine_config`).
+slot, through the request's block table.
+
+A prefill may start inside an image's window in two ways. A prefix-cache hit: the cached image
+rows were computed with this very window (the image's cache identifier covers its window,
+`aki.vllm_plugin.model.window_identifiers`), so they are exact and the rest of the window is
+computed here. A chunk edge: the image rows were computed before their question arrived, which
+cannot be repaired. `SlotTokens` records, per slot, whether an image row was computed with its
+window, and the planner refuses the second case (`PromptSplitError`); AKI's scheduler
+(`aki.vllm_plugin.scheduler`) never ends a chunk inside a window, so it is a safety net.
 
 Shape legend: ``n`` image rows of one request, ``t`` keys they see, ``h`` query heads,
 ``g`` key/value heads, ``e`` head dim, ``s`` tokens in the step.
@@ -38,7 +43,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from ..masking import PromptSplitError, mma_window_ids, window_split_at
+from ..masking import PromptSplitError, mma_window_ids
 
 
 @dataclasses.dataclass
@@ -58,19 +63,22 @@ class ImageRows:
 
 class SlotTokens:
     """The token id written at each KV-cache slot, so a request's whole history can be read back
-    through its block table (a cached prefix included)."""
+    through its block table (a cached prefix included), and whether an image token there was
+    computed with its MMA window (False for anything else)."""
 
     def __init__(self) -> None:
         self.ids = torch.empty(0, dtype=torch.long)
+        self.with_window = torch.empty(0, dtype=torch.bool)
 
     def write(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
         valid = slots >= 0  # padding tokens have no slot
         slots, token_ids = slots[valid].long(), token_ids[valid]
         if slots.numel() and int(slots.max()) >= self.ids.numel():
-            grown = torch.full((int(slots.max()) + 1,), -1, dtype=torch.long)
-            grown[: self.ids.numel()] = self.ids
-            self.ids = grown
+            grow = int(slots.max()) + 1 - self.ids.numel()
+            self.ids = torch.cat([self.ids, self.ids.new_full((grow,), -1)])
+            self.with_window = torch.cat([self.with_window, self.with_window.new_zeros(grow)])
         self.ids[slots] = token_ids.to(self.ids.device, torch.long)
+        self.with_window[slots] = False
 
     def read(self, block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
         """The first `length` token ids of the request whose blocks are `block_table`."""
@@ -93,10 +101,17 @@ class MmaPlanner:
         self.layer_name: str | None = None  # any language-model attention layer: they share metadata
         self.slot_tokens = SlotTokens()
         self.image_rows: list[ImageRows] = []
+        self.derived: dict[str, object] = {}  # what a backend builds once per step from image_rows
+
+    def once(self, name: str, build) -> object:
+        """`build(image_rows)`, computed by the first layer of the step that asks and kept for the others."""
+        if name not in self.derived:
+            self.derived[name] = build(self.image_rows)
+        return self.derived[name]
 
     def plan(self, input_ids: torch.Tensor | None) -> None:
         """Read this step's batch from vLLM's forward context and record the image rows to redo."""
-        self.image_rows = []
+        self.image_rows, self.derived = [], {}
         metadata = get_forward_context().attn_metadata
         if not metadata:  # a run without attention metadata (vLLM's warm-up) has nothing to fix
             return
@@ -105,38 +120,42 @@ class MmaPlanner:
         metadata = metadata[self.layer_name]
         if input_ids is None:
             raise ValueError("AKI's MMA needs the step's token ids (requires_raw_input_tokens).")
+        # The plan is made on the CPU whatever the device (a GPU backend moves what it needs).
         num_tokens = metadata.num_actual_tokens
-        self.slot_tokens.write(metadata.slot_mapping[:num_tokens], input_ids[:num_tokens])
+        self.slot_tokens.write(metadata.slot_mapping[:num_tokens].cpu(), input_ids[:num_tokens].cpu())
         prefilling = metadata.is_prefilling
         num_requests = metadata.seq_lens.shape[0]
         if prefilling is None:
             raise ValueError("vLLM gave no is_prefilling flags; AKI's MMA cannot tell prefills from decodes.")
         starts = metadata.query_start_loc.tolist()
         seq_lens = metadata.seq_lens.tolist()
-        for request in prefilling[:num_requests].nonzero().flatten().tolist():
-            rows = self._request_rows(request, starts, seq_lens, metadata.block_table[request])
+        for request in prefilling[:num_requests].cpu().nonzero().flatten().tolist():
+            rows = self._request_rows(request, starts, seq_lens, metadata.block_table[request].cpu())
             if rows is not None:
                 self.image_rows.append(rows)
 
     def _request_rows(self, request: int, starts: list[int], seq_lens: list[int], block_table) -> ImageRows | None:
         start, end, length = starts[request], starts[request + 1], seq_lens[request]
         context = length - (end - start)
-        history = self.slot_tokens.read(block_table, length, self.block_size)
+        slots = slots_of(block_table, length, self.block_size)
+        history = self.slot_tokens.ids[slots]
         if not (history == self.image_token_id).any():
             return None
         window = mma_window_ids(history[None], self.image_token_id, self.assistant_marker_ids)[0]
-        if window_split_at(window[None], context):
+        # Image rows before this step whose question reaches into it must have been computed with it.
+        reaching = torch.isin(-window[:context], window[context:]) & (window[:context] > 0)
+        if not self.slot_tokens.with_window[slots[:context][reaching]].all():
             raise PromptSplitError(
                 f"A prefill of {end - start} tokens starts at position {context}, inside an image's MMA window "
                 "(its image was computed in an earlier step without its question): AKI needs each image, its "
-                "question and the assistant header in one prefill. Serve it with --no-enable-prefix-caching "
-                "--no-enable-chunked-prefill and a prompt within --max-num-batched-tokens."
+                "question and the assistant header in one prefill. Serve it with AKI's scheduler (the plugin "
+                "sets it unless --scheduler-cls names another) or --no-enable-chunked-prefill."
             )
-        query_windows = window[context:]
-        image = (query_windows > 0).nonzero().flatten()
+        image = (window[context:] > 0).nonzero().flatten()
         if image.numel() == 0:
             return None
         positions = context + image
+        self.slot_tokens.with_window[slots[positions]] = True
         own = window[positions]
         question = window[None, :] == -own[:, None]  # (n, length)
         last_key = int(question.nonzero()[:, 1].max()) + 1

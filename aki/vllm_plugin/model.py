@@ -2,8 +2,10 @@
 
 Loaded by vLLM through the plugin (`aki.vllm_plugin.register`) for a saved AKI folder whose
 `config.json` names `AkiForConditionalGeneration`. The language model is vLLM's own (Llama,
-Phi-3, Qwen2, ...); each of its attention layers is rebuilt with `MmaCPUAttentionBackend`, which
-gives image tokens their question (`aki.vllm_plugin.attention`).
+Phi-3, Qwen2, ...); each of its attention layers is rebuilt on a backend that gives image tokens
+their question: `MmaCPUAttentionBackend` on the CPU (`aki.vllm_plugin.attention`), FLASH_ATTN's
+subclass on CUDA (`aki.vllm_plugin.flash`), checked at start against dense MMA
+(`aki.vllm_plugin.self_check`).
 
 Shape legend: ``n`` images in the step, ``v`` image tokens per image, ``d`` width.
 """
@@ -11,6 +13,9 @@ Shape legend: ``n`` images in the step, ``v`` image tokens per image, ``d`` widt
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -35,6 +40,7 @@ from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
     BaseProcessingInfo,
+    ProcessorInputs,
     PromptReplacement,
     PromptUpdate,
 )
@@ -43,11 +49,16 @@ from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.backend import AttentionType
 
 from ..configuration_aki import AkiConfig
+from ..masking import mma_window_ids
 from ..modeling_aki import AkiMultiModalProjector, AkiPerceiverResampler
 from ..processing_aki import AkiProcessor
 from .attention import MmaCPUAttentionBackend, MmaPlanner
+from .engine_config import MMA_SCHEDULER
+from .flash import flash_backend
+from .self_check import check_mma_attention
 
-logger = init_logger(__name__)
+# Under "vllm.", so that vLLM's logging configuration shows it.
+logger = init_logger(f"vllm.{__name__}")
 
 # vLLM's implementation of each language-model family AKI is built on.
 LANGUAGE_MODELS = {"llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -66,6 +77,15 @@ class AkiProcessingInfo(BaseProcessingInfo):
     def get_image_size_with_most_features(self) -> ImageSize:
         size = self.get_hf_config().vision_config.image_size
         return ImageSize(width=size, height=size)
+
+    def get_default_tok_params(self):
+        """A text prompt is a rendered chat template; where the template writes the BOS (AKI's do), the
+        tokenizer adds no second one, so `LLM.generate` on a rendered prompt gets `AkiProcessor`'s ids.
+        The chat endpoint already tokenizes without special tokens."""
+        params = super().get_default_tok_params()
+        if self.get_hf_processor().template_writes_bos:
+            params = dataclasses.replace(params, add_special_tokens=False)
+        return params
 
 
 class AkiDummyInputsBuilder(BaseDummyInputsBuilder[AkiProcessingInfo]):
@@ -89,6 +109,14 @@ class AkiMultiModalProcessor(BaseMultiModalProcessor[AkiProcessingInfo]):
     ) -> Mapping[str, MultiModalFieldConfig]:
         return {"pixel_values": MultiModalFieldConfig.batched("image")}
 
+    def _get_mm_hashes(self, inputs: ProcessorInputs):
+        """vLLM's content hash of each image, widened to the image's MMA window (`window_identifiers`)."""
+        hashes = super()._get_mm_hashes(inputs)
+        if "image" in hashes:
+            config = self.info.get_hf_config()
+            hashes = {**hashes, "image": window_identifiers(inputs.prompt, hashes["image"], config)}
+        return hashes
+
     def _get_prompt_updates(
         self,
         mm_items: MultiModalDataItems,
@@ -100,26 +128,53 @@ class AkiMultiModalProcessor(BaseMultiModalProcessor[AkiProcessingInfo]):
         return [PromptReplacement(modality="image", target=[config.image_token_id], replacement=placeholders)]
 
 
+def window_identifiers(prompt: Sequence[int], image_hashes: list[str], config: AkiConfig) -> list[str]:
+    """Each image's cache identifier: its content hash, and the tokens and images of its MMA window.
+
+    vLLM keys an image's encoder output and every KV block the image overlaps by its identifier (a
+    block's hash chains its prefix's, so the tokens after it follow). Under MMA an image's keys and
+    values depend on its question too: with the window in the identifier, the same image under another
+    question is another cache entry, while a system prompt before it and a finished turn are reused.
+    `prompt` holds one `<image>` per image, or each already expanded; anything else is left to vLLM's
+    own placeholder check.
+    """
+    ids = torch.tensor(list(prompt))
+    positions = (ids == config.image_token_id).nonzero().flatten()
+    per_image = len(positions) // max(len(image_hashes), 1)
+    if per_image not in (1, config.num_image_tokens) or per_image * len(image_hashes) != len(positions):
+        return image_hashes
+    starts = positions[::per_image].tolist()
+    window = mma_window_ids(ids[None], config.image_token_id, config.assistant_marker_ids)[0]
+    identifiers = []
+    for start, image_hash in zip(starts, image_hashes, strict=True):
+        own = int(window[start])
+        if own == 0:  # a turn without an assistant header: causal, nothing after the image matters
+            identifiers.append(image_hash)
+            continue
+        end = int((window == -own).nonzero().max()) + 1
+        later = [other for other_start, other in zip(starts, image_hashes, strict=True) if start < other_start < end]
+        key = json.dumps([image_hash, ids[start:end].tolist(), later])
+        identifiers.append(hashlib.sha256(key.encode()).hexdigest())
+    return identifiers
+
+
 def check_engine_config(vllm_config: VllmConfig) -> None:
     """Refuse, at start-up and in one line, the engine settings under which MMA would come out wrong."""
     reasons = []
-    if vllm_config.cache_config.enable_prefix_caching:
+    scheduler = vllm_config.scheduler_config
+    if scheduler.enable_chunked_prefill and scheduler.scheduler_cls != MMA_SCHEDULER:
         reasons.append(
-            "prefix caching is on (a cached image block keeps keys computed under another question): "
-            "pass --no-enable-prefix-caching"
-        )
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        reasons.append(
-            "chunked prefill is on (a chunk may end between an image and its question): "
+            f"chunked prefill is on under another scheduler ({scheduler.scheduler_cls}), which may end a chunk "
+            f"between an image and its question: leave --scheduler-cls unset (AKI sets {MMA_SCHEDULER}) or "
             "pass --no-enable-chunked-prefill"
         )
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding is on: AKI's MMA does not support it")
     if vllm_config.cache_config.cache_dtype != "auto":
         reasons.append(f"the KV cache is quantized ({vllm_config.cache_config.cache_dtype}): use --kv-cache-dtype auto")
-    if not current_platform.is_cpu():
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
         reasons.append(
-            f"exact MMA is implemented on vLLM's CPU backend only, not on {current_platform.device_name} "
+            f"exact MMA is implemented on vLLM's CPU and CUDA backends, not on {current_platform.device_name} "
             "(docs/vllm.md, 'On GPU')"
         )
     if reasons:
@@ -127,7 +182,7 @@ def check_engine_config(vllm_config: VllmConfig) -> None:
 
 
 def with_mma_attention(language_model: nn.Module, planner: MmaPlanner, vllm_config: VllmConfig) -> None:
-    """Rebuild each decoder attention layer of vLLM's language model on `MmaCPUAttentionBackend`.
+    """Rebuild each decoder attention layer of vLLM's language model on AKI's backend for the platform.
 
     vLLM's Llama, Phi-3 and Qwen2 build their `Attention` without an `attn_backend` argument, so
     each is rebuilt here, under the same layer name, with the same shape and that backend.
@@ -163,7 +218,7 @@ def with_mma_attention(language_model: nn.Module, planner: MmaPlanner, vllm_conf
                 cache_config=vllm_config.cache_config,
                 quant_config=layer.quant_config,
                 prefix=layer.layer_name,
-                attn_backend=MmaCPUAttentionBackend,
+                attn_backend=MmaCPUAttentionBackend if current_platform.is_cpu() else flash_backend(),
                 mma_planner=planner,
             )
             setattr(module, child_name, rebuilt)
@@ -244,6 +299,13 @@ class AkiForConditionalGeneration(nn.Module, SupportsMultiModal):
                 config.image_token_id, config.assistant_marker_ids, vllm_config.cache_config.block_size
             )
             with_mma_attention(self.language_model, self.mma_planner, vllm_config)
+            layer = vllm_config.compilation_config.static_forward_context[self.mma_planner.layer_name]
+            error = check_mma_attention(layer, self.mma_planner, vllm_config)
+            logger.info(
+                "AKI's MMA self-check passed on vLLM's %s attention backend: largest difference from dense MMA %.3g.",
+                layer.attn_backend.get_name(),
+                error,
+            )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
