@@ -4,8 +4,9 @@
 
 Four vLLM OpenAI servers of the same model (the SmolLM2-based AKI of serve_vllm.py, float32) run side
 by side: attention_policy causal (vLLM's plain CPU_ATTN path) and mma, each with vLLM's defaults
-(prefix caching and chunked prefill on) and with both off. Only one server works at a time; the
-others wait idle.
+(prefix caching and chunked prefill on) and with both off, all with KV blocks of 32 tokens (prefix
+caching reuses whole blocks, and this small model's prompts fill none of vLLM's CPU default, 128).
+Only one server works at a time; the others wait idle.
 
 1. **Image requests.** For each repeat, concurrency level and setting, causal and MMA take turns (the
    two policies interleaved): N image requests at once through the `openai` client, a fresh image each
@@ -39,12 +40,14 @@ SETTINGS = {
     "caching and chunking off": ["--no-enable-prefix-caching", "--no-enable-chunked-prefill"],
 }
 FOLLOW_UP = "And what else is in the image?"
+# Prefix caching reuses whole blocks, and this small model's prompts fill no block of vLLM's CPU default (128).
+BLOCK_SIZE = 32
 
 
 def server_command(model: Path, port: int, policy: str, flags: list[str]) -> list[str]:
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
+        "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--block-size", str(BLOCK_SIZE),
         "--hf-overrides", f'{{"attention_policy": "{policy}"}}', *flags,
     ]  # fmt: skip
 
@@ -98,7 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--chats", type=int, default=8, help="conversations in the two-turn workload")
-    parser.add_argument("--turn1-tokens", type=int, default=64)
+    parser.add_argument("--turn1-tokens", type=int, default=128)
     parser.add_argument("--turn2-tokens", type=int, default=8)
     parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "vllm_mma_cost")
     args = parser.parse_args()
