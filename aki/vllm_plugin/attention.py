@@ -80,10 +80,6 @@ class SlotTokens:
         self.ids[slots] = token_ids.to(self.ids.device, torch.long)
         self.with_window[slots] = False
 
-    def read(self, block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-        """The first `length` token ids of the request whose blocks are `block_table`."""
-        return self.ids[slots_of(block_table, length, block_size)]
-
 
 def slots_of(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     """KV-cache slots of positions 0..length-1 of one request, (length,)."""
