@@ -277,8 +277,9 @@ def longest_window(case: Case, index: int) -> int:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
 @pytest.mark.parametrize("case_name", ["tiny_llama_case", "smollm2_case"])
-def test_chunks_of_32_tokens_never_split_a_window(case_name, request, tmp_path):
+def test_chunks_of_32_tokens_never_split_a_window(case_name, enforce_eager, request, tmp_path):
     """A token budget of 32 splits every prompt here; AKI's scheduler ends no chunk inside an image's window,
     so every answer is transformers'. A window longer than 32 tokens (two images in one turn) fits no step:
     that request alone ends in an error, and the engine goes on."""
@@ -288,7 +289,7 @@ def test_chunks_of_32_tokens_never_split_a_window(case_name, request, tmp_path):
     fitting = [index for index in range(len(case.requests)) if index not in too_long]
     rounds = [[case.requests[index] for index in fitting], [case.requests[too_long[0]]], [case.requests[ONE_IMAGE]]]
     results, log = run_engine(
-        case.folder, rounds, tmp_path, enforce_eager=True, max_num_batched_tokens=32, max_num_seqs=2
+        case.folder, rounds, tmp_path, enforce_eager=enforce_eager, max_num_batched_tokens=32, max_num_seqs=2
     )
     assert results, log[-3000:]
     assert results[0]["tokens"] == [case.expected[index] for index in fitting]

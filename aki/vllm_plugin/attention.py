@@ -167,11 +167,16 @@ class MmaCPUAttentionMetadata(CPUAttentionMetadata):
     is_prefilling: torch.Tensor | None = None
 
 
+def with_prefill_flags(metadata_cls: type, metadata, common_attn_metadata):
+    """`metadata` as `metadata_cls` (its subclass with `is_prefilling`), flags taken from the step's common metadata."""
+    fields = {field.name: getattr(metadata, field.name) for field in dataclasses.fields(metadata)}
+    return metadata_cls(**fields, is_prefilling=common_attn_metadata.is_prefilling)
+
+
 class MmaCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> MmaCPUAttentionMetadata:
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        fields = {field.name: getattr(metadata, field.name) for field in dataclasses.fields(metadata)}
-        return MmaCPUAttentionMetadata(**fields, is_prefilling=common_attn_metadata.is_prefilling)
+        return with_prefill_flags(MmaCPUAttentionMetadata, metadata, common_attn_metadata)
 
 
 def cpu_attn_halves(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

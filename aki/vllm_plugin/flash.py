@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..split_attention import merge_rectangle
-from .attention import ImageRows, MmaPlanner
+from .attention import ImageRows, MmaPlanner, with_prefill_flags
 
 
 @dataclasses.dataclass
@@ -126,8 +126,7 @@ def flash_backend() -> type:
     class MmaFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
             metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-            fields = {field.name: getattr(metadata, field.name) for field in dataclasses.fields(metadata)}
-            return MmaFlashAttentionMetadata(**fields, is_prefilling=common_attn_metadata.is_prefilling)
+            return with_prefill_flags(MmaFlashAttentionMetadata, metadata, common_attn_metadata)
 
     class MmaFlashAttentionImpl(FlashAttentionImpl):
         def __init__(self, *args, mma_planner: MmaPlanner, **kwargs) -> None:
